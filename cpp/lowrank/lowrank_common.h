@@ -1,0 +1,322 @@
+// Device-generic pieces of the lowrank family shared by the CPU (.cpp) and
+// CUDA (.cu) kernels: argument checks and the GEMM schedule.  Dense products go
+// through ATen (BLAS on CPU, cuBLAS on CUDA); each backend supplies only the
+// elementwise epilogues, which it fuses its own way.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ATen/OpMathType.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/linalg_vector_norm.h>
+#include <ATen/ops/where.h>
+#include <ATen/ops/zeros.h>
+#include <c10/util/irange.h>
+
+#include <string>
+#include <vector>
+
+#include "ops.h"
+
+namespace lowrank_ops {
+namespace detail {
+
+inline std::string shape_str(const at::Tensor& t) {
+  std::string s = "(";
+  for (int64_t i = 0; i < t.dim(); ++i) {
+    if (i) s += ", ";
+    s += std::to_string(t.size(i));
+  }
+  return s + ")";
+}
+
+inline void check_same(const at::Tensor& ref, const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": `", name, "` has dtype ", t.scalar_type(),
+              " but `x` has dtype ", ref.scalar_type(), "; all tensors must share one dtype");
+  TORCH_CHECK(t.device() == ref.device(), op, ": `", name, "` is on ", t.device(), " but `x` is on ",
+              ref.device(), "; all tensors must be on one device");
+}
+
+inline void check_float(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": `", name,
+              "` must be a floating tensor (float64/float32/bfloat16/float16), got ", t.scalar_type());
+}
+
+// Shapes of one lowrank_linear call, validated once for forward and backward.
+struct LinearShapes {
+  int64_t in, out, rd, ru, tokens;
+  bool core_diag;
+};
+
+inline LinearShapes check_lowrank_linear(const at::Tensor& x, const OptTensor& weight, const OptTensor& bias,
+                                         const at::Tensor& down, const at::Tensor& up, const OptTensor& core,
+                                         const OptTensor& out_scale, const char* op) {
+  check_float(x, op, "x");
+  TORCH_CHECK(x.dim() >= 1, op, ": `x` must have shape (..., in), got a 0-d tensor");
+  TORCH_CHECK(down.dim() == 2, op, ": `down` must have shape (r, in), got ", shape_str(down));
+  TORCH_CHECK(up.dim() == 2, op, ": `up` must have shape (out, r), got ", shape_str(up));
+  LinearShapes s{};
+  s.in = x.size(-1);
+  s.rd = down.size(0);
+  s.ru = up.size(1);
+  s.out = up.size(0);
+  s.tokens = s.in == 0 ? 0 : x.numel() / s.in;
+  if (s.in == 0) {
+    s.tokens = 1;
+    for (int64_t i = 0; i + 1 < x.dim(); ++i) s.tokens *= x.size(i);
+  }
+  TORCH_CHECK(s.rd > 0 && s.ru > 0, op, ": rank must be >= 1, got `down` ", shape_str(down), " and `up` ",
+              shape_str(up));
+  TORCH_CHECK(down.size(1) == s.in, op, ": `down` must have shape (r, in) = (r, ", s.in, ") to match `x` ",
+              shape_str(x), ", got ", shape_str(down));
+  check_same(x, down, op, "down");
+  check_same(x, up, op, "up");
+  if (weight.has_value()) {
+    const auto& w = *weight;
+    check_same(x, w, op, "weight");
+    TORCH_CHECK(w.dim() == 2 && w.size(0) == s.out && w.size(1) == s.in, op,
+                ": `weight` must have shape (out, in) = (", s.out, ", ", s.in, ") given `up` ", shape_str(up),
+                " and `x` ", shape_str(x), ", got ", shape_str(w));
+  }
+  s.core_diag = false;
+  if (core.has_value()) {
+    const auto& c = *core;
+    check_same(x, c, op, "core");
+    if (c.dim() == 1) {
+      TORCH_CHECK(s.rd == s.ru && c.size(0) == s.rd, op, ": a diagonal `core` must have shape (r,) = (", s.rd,
+                  ",) with r shared by `down` ", shape_str(down), " and `up` ", shape_str(up), ", got ",
+                  shape_str(c));
+      s.core_diag = true;
+    } else {
+      TORCH_CHECK(c.dim() == 2 && c.size(0) == s.ru && c.size(1) == s.rd, op,
+                  ": `core` must have shape (r,) or (r_up, r_down) = (", s.ru, ", ", s.rd, "), got ",
+                  shape_str(c));
+    }
+  } else {
+    TORCH_CHECK(s.rd == s.ru, op, ": without `core`, `down` ", shape_str(down), " and `up` ", shape_str(up),
+                " must share the rank r");
+  }
+  if (bias.has_value()) {
+    check_same(x, *bias, op, "bias");
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == s.out, op, ": `bias` must have shape (out,) = (", s.out,
+                ",), got ", shape_str(*bias));
+  }
+  if (out_scale.has_value()) {
+    check_same(x, *out_scale, op, "out_scale");
+    TORCH_CHECK(out_scale->dim() == 1 && out_scale->size(0) == s.out, op,
+                ": `out_scale` must have shape (out,) = (", s.out, ",), got ", shape_str(*out_scale));
+  }
+  return s;
+}
+
+inline std::vector<int64_t> out_sizes(const at::Tensor& x, int64_t out) {
+  std::vector<int64_t> sz(x.sizes().begin(), x.sizes().end());
+  sz.back() = out;
+  return sz;
+}
+
+inline at::Tensor as_rows(const at::Tensor& x, int64_t tokens, int64_t in) {
+  // A view whenever the layout allows; BLAS takes any 2-D stride with one unit dim.
+  return x.reshape({tokens, in});
+}
+
+// h = x·downᵀ, then the core: hc = h·coreᵀ (or h ⊙ core).  Both (T, r): small.
+inline at::Tensor rank_r_term(const at::Tensor& x2, const at::Tensor& down, const OptTensor& core, bool diag,
+                              at::Tensor* h_out) {
+  at::Tensor h = at::mm(x2, down.t());
+  if (h_out) *h_out = h;
+  if (!core.has_value()) return h;
+  if (diag) return h_out ? h.mul(*core) : h.mul_(*core);
+  return at::mm(h, core->t());
+}
+
+// z = x·Wᵀ + s·hc·upᵀ written into `y`; bias folded into the GEMM when allowed.
+inline void base_plus_lowrank_into(at::Tensor& y, const at::Tensor& x2, const OptTensor& weight,
+                                   const OptTensor& bias_in_gemm, const at::Tensor& hc, const at::Tensor& up,
+                                   double scale) {
+  if (weight.has_value()) {
+    if (bias_in_gemm.has_value()) {
+      at::addmm_out(y, *bias_in_gemm, x2, weight->t());
+    } else {
+      at::mm_out(y, x2, weight->t());
+    }
+    y.addmm_(hc, up.t(), /*beta=*/1, /*alpha=*/scale);
+  } else {
+    at::addmm_out(y, y, hc, up.t(), /*beta=*/0, /*alpha=*/scale);
+    if (bias_in_gemm.has_value()) y.add_(*bias_in_gemm);
+  }
+}
+
+// Epilogue y = y ⊙ out_scale + bias over rows (out_scale, bias optional, (out,)).
+using RowEpilogue = void (*)(at::Tensor& y, const OptTensor& out_scale, const OptTensor& bias);
+
+inline at::Tensor lowrank_linear_impl(const at::Tensor& x, const OptTensor& weight, const OptTensor& bias,
+                                      const at::Tensor& down, const at::Tensor& up, const OptTensor& core,
+                                      double scale, const OptTensor& out_scale, RowEpilogue epilogue) {
+  const auto s = check_lowrank_linear(x, weight, bias, down, up, core, out_scale, "lowrank_linear");
+  at::Tensor y = at::empty({s.tokens, s.out}, x.options());
+  if (s.tokens == 0) return y.view(out_sizes(x, s.out));
+  if (s.in == 0) {
+    y.zero_();
+    epilogue(y, out_scale, bias);
+    return y.view(out_sizes(x, s.out));
+  }
+  const at::Tensor x2 = as_rows(x, s.tokens, s.in);
+  const at::Tensor hc = rank_r_term(x2, down, core, s.core_diag, nullptr);
+  // With out_scale the bias must come after the scaling, so it joins the epilogue.
+  const bool bias_in_gemm = bias.has_value() && !out_scale.has_value();
+  base_plus_lowrank_into(y, x2, weight, bias_in_gemm ? bias : OptTensor{}, hc, up, scale);
+  if (out_scale.has_value()) epilogue(y, out_scale, bias);
+  return y.view(out_sizes(x, s.out));
+}
+
+// Reduces an (T, out) elementwise product over rows: Σ_t a ⊙ b  -> (out).
+using ColumnDot = at::Tensor (*)(const at::Tensor& a, const at::Tensor& b);
+
+inline Grads7 lowrank_linear_backward_impl(const at::Tensor& grad, const at::Tensor& x, const OptTensor& weight,
+                                           const at::Tensor& down, const at::Tensor& up, const OptTensor& core,
+                                           double scale, const OptTensor& out_scale,
+                                           std::array<bool, 7> mask, ColumnDot column_dot) {
+  const char* op = "lowrank_linear_backward";
+  const auto s = check_lowrank_linear(x, weight, OptTensor{}, down, up, core, out_scale, op);
+  check_same(x, grad, op, "grad");
+  TORCH_CHECK(grad.numel() == s.tokens * s.out && grad.size(-1) == s.out, op, ": `grad` must have shape (..., ",
+              s.out, ") matching `x` ", shape_str(x), ", got ", shape_str(grad));
+  const bool need_x = mask[0], need_w = mask[1] && weight.has_value(), need_b = mask[2], need_down = mask[3],
+             need_up = mask[4], need_core = mask[5] && core.has_value(), need_os = mask[6] && out_scale.has_value();
+  at::Tensor gx, gw, gb, gdown, gup, gcore, gos;
+  const at::Tensor g2 = grad.reshape({s.tokens, s.out});
+  const at::Tensor x2 = as_rows(x, s.tokens, s.in);
+  if (need_b) gb = g2.sum(0);
+  // gz = dL/dz, z the pre-scale output.
+  const at::Tensor gz = out_scale.has_value() ? g2.mul(*out_scale) : g2;
+  at::Tensor h;
+  const bool need_h = need_x || need_down || need_up || need_core || need_os;
+  at::Tensor hc;
+  if (need_h) hc = rank_r_term(x2, down, core, s.core_diag, &h);
+  if (need_os) {
+    // z is not saved by forward (it would cost a (T, out) buffer per layer);
+    // recomputing it costs one base GEMM and only happens when out_scale trains.
+    at::Tensor z = at::empty({s.tokens, s.out}, x.options());
+    base_plus_lowrank_into(z, x2, weight, OptTensor{}, hc, up, scale);
+    gos = column_dot(g2, z);
+  }
+  if (need_up) gup = at::mm(gz.t(), hc).mul_(scale);
+  if (need_x || need_down || need_core) {
+    at::Tensor ghc = at::mm(gz, up).mul_(scale);  // dL/d(hc), (T, r_u)
+    if (need_core) gcore = s.core_diag ? ghc.mul(h).sum(0) : at::mm(ghc.t(), h);
+    at::Tensor gh = ghc;  // dL/dh, (T, r_d)
+    if (core.has_value()) gh = s.core_diag ? ghc.mul_(*core) : at::mm(ghc, *core);
+    if (need_down) gdown = at::mm(gh.t(), x2);
+    if (need_x) {
+      if (weight.has_value()) {
+        gx = at::mm(gz, *weight);
+        gx.addmm_(gh, down);
+      } else {
+        gx = at::mm(gh, down);
+      }
+      gx = gx.view(x.sizes());
+    }
+  }
+  if (need_w) gw = at::mm(gz.t(), x2);
+  auto opt = x.options();
+  auto or_empty = [&](at::Tensor t) { return t.defined() ? t : at::empty({0}, opt); };
+  return {or_empty(gx), or_empty(gw), or_empty(gb), or_empty(gdown), or_empty(gup), or_empty(gcore), or_empty(gos)};
+}
+
+// ---- dora_norm ----------------------------------------------------------------
+
+inline void check_dora(const at::Tensor& weight, const at::Tensor& down, const at::Tensor& up, const char* op) {
+  check_float(weight, op, "weight");
+  TORCH_CHECK(weight.dim() == 2, op, ": `weight` must have shape (out, in), got ", shape_str(weight));
+  TORCH_CHECK(down.dim() == 2 && down.size(1) == weight.size(1) && down.size(0) > 0, op,
+              ": `down` must have shape (r, in) = (r, ", weight.size(1), ") with r >= 1, got ", shape_str(down));
+  TORCH_CHECK(up.dim() == 2 && up.size(0) == weight.size(0) && up.size(1) == down.size(0), op,
+              ": `up` must have shape (out, r) = (", weight.size(0), ", ", down.size(0), "), got ", shape_str(up));
+  auto same = [&](const at::Tensor& t, const char* name) {
+    TORCH_CHECK(t.scalar_type() == weight.scalar_type() && t.device() == weight.device(), op, ": `", name,
+                "` must match `weight` (", weight.scalar_type(), " on ", weight.device(), "), got ",
+                t.scalar_type(), " on ", t.device());
+  };
+  same(down, "down");
+  same(up, "up");
+}
+
+// Pieces of the factored identity, in the accumulation dtype (fp32 for low
+// precision, else the input dtype):  WD = W·downᵀ (out, r), UDD = up·(down·downᵀ) (out, r).
+struct DoraFactors {
+  at::Tensor wd, udd, u;
+};
+
+inline DoraFactors dora_factors(const at::Tensor& weight, const at::Tensor& down, const at::Tensor& up) {
+  const auto acc = at::toOpMathType(weight.scalar_type());
+  // W·downᵀ runs in the weight's dtype (BLAS accumulates low precision in fp32)
+  // so W is read once and never upcast as a whole.
+  at::Tensor wd = at::mm(weight, down.t()).to(acc);
+  at::Tensor d = down.to(acc);
+  at::Tensor u = up.to(acc);
+  at::Tensor udd = at::mm(u, at::mm(d, d.t()));
+  return {wd, udd, u};
+}
+
+inline at::Tensor dora_norm_impl(const at::Tensor& weight, const at::Tensor& down, const at::Tensor& up, double scale,
+                                 const OptTensor& weight_norm_sq) {
+  const char* op = "dora_norm";
+  check_dora(weight, down, up, op);
+  const auto acc = at::toOpMathType(weight.scalar_type());
+  at::Tensor wn2;
+  if (weight_norm_sq.has_value()) {
+    const auto& c = *weight_norm_sq;
+    TORCH_CHECK(c.dim() == 1 && c.size(0) == weight.size(0) && c.device() == weight.device(), op,
+                ": `weight_norm_sq` must have shape (out,) = (", weight.size(0), ",) on ", weight.device(), ", got ",
+                shape_str(c), " on ", c.device());
+    wn2 = c.to(acc, /*non_blocking=*/false, /*copy=*/true);  // never write into the caller's cache
+  } else {
+    // One streaming reduction over W (no W-sized temporary), accumulated in `acc`.
+    wn2 = at::linalg_vector_norm(weight, 2, {1}, false, acc).square_();
+  }
+  if (weight.size(0) == 0) return at::empty({0}, weight.options());
+  auto f = dora_factors(weight, down, up);
+  // n² = ‖W‖² + 2s·rowsum(WD ⊙ up) + s²·rowsum(UDD ⊙ up); the (out, r) products are tiny.
+  at::Tensor n2 = wn2.add_(f.wd.mul(f.u).sum(1), 2.0 * scale).add_(f.udd.mul_(f.u).sum(1), scale * scale);
+  // Rounding can push an exactly-zero row norm slightly negative.
+  return n2.clamp_min_(0).sqrt_().to(weight.scalar_type());
+}
+
+inline Grads3 dora_norm_backward_impl(const at::Tensor& grad, const at::Tensor& norm, const at::Tensor& weight,
+                                      const at::Tensor& down, const at::Tensor& up, double scale,
+                                      std::array<bool, 3> mask) {
+  const char* op = "dora_norm_backward";
+  check_dora(weight, down, up, op);
+  TORCH_CHECK(grad.dim() == 1 && grad.size(0) == weight.size(0) && norm.sizes() == grad.sizes(), op,
+              ": `grad` and `norm` must have shape (out,) = (", weight.size(0), ",), got ", shape_str(grad), " and ",
+              shape_str(norm));
+  const auto acc = at::toOpMathType(weight.scalar_type());
+  // dn_j/dV_j = V_j / n_j with V = W + s·up·down; at n_j = 0 we take the zero subgradient.
+  at::Tensor n = norm.to(acc);
+  at::Tensor c = at::where(n.gt(0), grad.to(acc).div(n), at::zeros({}, n.options()));
+  at::Tensor gw, gd, gu;
+  const auto wdt = weight.scalar_type();
+  if (mask[0]) {
+    // dense by nature: the gradient of a dense W
+    at::Tensor cu = up.to(acc).mul(c.unsqueeze(1)).to(wdt);
+    gw = at::addmm(weight.mul(c.to(wdt).unsqueeze(1)), cu, down, 1, scale);
+  }
+  if (mask[1]) {
+    at::Tensor cu = up.to(acc).mul(c.unsqueeze(1));                   // (out, r)
+    at::Tensor g = at::mm(cu.to(wdt).t(), weight).to(acc);            // (r, in): one pass over W
+    g.addmm_(at::mm(cu.t(), up.to(acc)), down.to(acc), 1, scale);     // + s·(cuᵀ·up)·down
+    gd = g.mul_(scale).to(wdt);
+  }
+  if (mask[2]) {
+    auto f = dora_factors(weight, down, up);
+    gu = f.wd.add_(f.udd, scale).mul_(c.unsqueeze(1)).mul_(scale).to(wdt);
+  }
+  auto opt = weight.options();
+  auto or_empty = [&](at::Tensor t) { return t.defined() ? t : at::empty({0}, opt); };
+  return {or_empty(gw), or_empty(gd), or_empty(gu)};
+}
+
+}  // namespace detail
+}  // namespace lowrank_ops

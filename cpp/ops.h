@@ -1,0 +1,43 @@
+// Declarations of every lowrank_ops kernel, one line per backend.
+// Schemas live in registration.cpp; docs/ops.md documents the math.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+#include <array>
+#include <tuple>
+
+namespace lowrank_ops {
+
+using OptTensor = std::optional<at::Tensor>;
+using Grads7 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using Grads3 = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+
+// ---- lowrank family ---------------------------------------------------------
+at::Tensor lowrank_linear_cpu(const at::Tensor& x, const OptTensor& weight, const OptTensor& bias,
+                              const at::Tensor& down, const at::Tensor& up, const OptTensor& core,
+                              double scale, const OptTensor& out_scale);
+Grads7 lowrank_linear_backward_cpu(const at::Tensor& grad, const at::Tensor& x, const OptTensor& weight,
+                                   const at::Tensor& down, const at::Tensor& up, const OptTensor& core,
+                                   double scale, const OptTensor& out_scale, std::array<bool, 7> output_mask);
+at::Tensor dora_norm_cpu(const at::Tensor& weight, const at::Tensor& down, const at::Tensor& up, double scale,
+                         const OptTensor& weight_norm_sq);
+Grads3 dora_norm_backward_cpu(const at::Tensor& grad, const at::Tensor& norm, const at::Tensor& weight,
+                              const at::Tensor& down, const at::Tensor& up, double scale,
+                              std::array<bool, 3> output_mask);
+
+#ifdef LOWRANK_OPS_WITH_CUDA
+at::Tensor lowrank_linear_cuda(const at::Tensor& x, const OptTensor& weight, const OptTensor& bias,
+                               const at::Tensor& down, const at::Tensor& up, const OptTensor& core,
+                               double scale, const OptTensor& out_scale);
+Grads7 lowrank_linear_backward_cuda(const at::Tensor& grad, const at::Tensor& x, const OptTensor& weight,
+                                    const at::Tensor& down, const at::Tensor& up, const OptTensor& core,
+                                    double scale, const OptTensor& out_scale, std::array<bool, 7> output_mask);
+at::Tensor dora_norm_cuda(const at::Tensor& weight, const at::Tensor& down, const at::Tensor& up, double scale,
+                          const OptTensor& weight_norm_sq);
+Grads3 dora_norm_backward_cuda(const at::Tensor& grad, const at::Tensor& norm, const at::Tensor& weight,
+                               const at::Tensor& down, const at::Tensor& up, double scale,
+                               std::array<bool, 3> output_mask);
+#endif
+
+}  // namespace lowrank_ops

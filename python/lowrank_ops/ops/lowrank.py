@@ -1,0 +1,168 @@
+"""The fused low-rank linear family: ``lowrank_linear`` and ``dora_norm``.
+
+Python halves of the ops declared in ``cpp/registration.cpp``: typed wrappers,
+fake kernels (shape/dtype propagation for ``torch.compile`` / ``torch.export``)
+and autograd formulas.  The numerics all live in the compiled kernels.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+_lib = torch.ops.lowrank_ops
+
+
+def lowrank_linear(
+    x: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    down: Tensor,
+    up: Tensor,
+    core: Optional[Tensor] = None,
+    scale: float = 1.0,
+    out_scale: Optional[Tensor] = None,
+) -> Tensor:
+    """Fused base + low-rank linear map.
+
+    ``y = (x·Wᵀ + scale·((x·downᵀ)·coreᵀ)·upᵀ) ⊙ out_scale + bias``, without ever
+    forming ``up·down``.
+
+    Args:
+        x: ``(..., in)`` input.
+        weight: ``(out, in)`` frozen or trainable base weight, or None (adapter term only).
+        bias: ``(out,)`` or None.
+        down: ``(r_d, in)`` — peft's ``lora_A.weight``.
+        up: ``(out, r_u)`` — peft's ``lora_B.weight``.
+        core: None (``r_d == r_u``), ``(r,)`` diagonal, or ``(r_u, r_d)`` full.
+        scale: scalar on the low-rank term (``alpha / r`` for LoRA).
+        out_scale: ``(out,)`` per-output scaling of base + low-rank (DoRA's ``m / ‖W + s·up·down‖``).
+
+    Returns:
+        ``(..., out)`` tensor in ``x``'s dtype.  All tensors must share dtype and device.
+    """
+    return _lib.lowrank_linear(x, weight, bias, down, up, core, float(scale), out_scale)
+
+
+def dora_norm(
+    weight: Tensor, down: Tensor, up: Tensor, scale: float, weight_norm_sq: Optional[Tensor] = None
+) -> Tensor:
+    """Row norms ``‖W_j + scale·up_j·down‖₂`` of the adapted weight, shape ``(out,)``.
+
+    Uses ``‖W‖² + 2s·rowsum((W·downᵀ)⊙up) + s²·rowsum((up·(down·downᵀ))⊙up)``
+    (DoRA, Liu et al. 2024, Eq. 5 denominator) so the ``(out, in)`` adapted
+    weight is never formed.  ``weight_norm_sq`` optionally supplies a cached
+    ``rowsum(W⊙W)`` for a frozen ``W``.  Differentiable in ``weight``, ``down``, ``up``;
+    at a zero row norm the zero subgradient is used.
+    """
+    return _lib.dora_norm(weight, down, up, float(scale), weight_norm_sq)
+
+
+# --------------------------------------------------------------------------- fakes
+
+
+def _check_common(x, weight, down, up, core):
+    torch._check(down.dim() == 2 and up.dim() == 2, lambda: "lowrank_linear: down/up must be 2-D")
+    torch._check(down.shape[1] == x.shape[-1], lambda: "lowrank_linear: down must be (r, in)")
+    if weight is not None:
+        torch._check(
+            weight.shape[0] == up.shape[0] and weight.shape[1] == x.shape[-1],
+            lambda: "lowrank_linear: weight must be (out, in)",
+        )
+
+
+@torch.library.register_fake("lowrank_ops::lowrank_linear")
+def _lowrank_linear_fake(x, weight, bias, down, up, core=None, scale=1.0, out_scale=None):
+    _check_common(x, weight, down, up, core)
+    return x.new_empty((*x.shape[:-1], up.shape[0]))
+
+
+@torch.library.register_fake("lowrank_ops::lowrank_linear_backward")
+def _lowrank_linear_backward_fake(grad, x, weight, down, up, core, scale, out_scale, output_mask):
+    _check_common(x, weight, down, up, core)
+    shapes = [
+        x.shape,
+        weight.shape if weight is not None else None,
+        (up.shape[0],),
+        down.shape,
+        up.shape,
+        core.shape if core is not None else None,
+        (up.shape[0],) if out_scale is not None else None,
+    ]
+    return tuple(
+        x.new_empty(s) if (m and s is not None) else x.new_empty((0,)) for m, s in zip(output_mask, shapes)
+    )
+
+
+@torch.library.register_fake("lowrank_ops::dora_norm")
+def _dora_norm_fake(weight, down, up, scale, weight_norm_sq=None):
+    torch._check(weight.dim() == 2, lambda: "dora_norm: weight must be (out, in)")
+    return weight.new_empty((weight.shape[0],))
+
+
+@torch.library.register_fake("lowrank_ops::dora_norm_backward")
+def _dora_norm_backward_fake(grad, norm, weight, down, up, scale, output_mask):
+    shapes = [weight.shape, down.shape, up.shape]
+    return tuple(weight.new_empty(s) if m else weight.new_empty((0,)) for m, s in zip(output_mask, shapes))
+
+
+# --------------------------------------------------------------------------- autograd
+# Forward saves only x and the (parameter) tensors it was given: never the
+# rank-r intermediate's dense expansion, never up·down.  The rank-r
+# intermediate x·downᵀ is recomputed in backward (T·r·in flops, ~r/out of the
+# base GEMM), which saves its (T, r) buffer per layer.
+
+
+def _lowrank_linear_setup(ctx, inputs, output):
+    x, weight, bias, down, up, core, scale, out_scale = inputs
+    ctx.scale = scale
+    ctx.has = (weight is not None, bias is not None, core is not None, out_scale is not None)
+    ctx.save_for_backward(x, weight, down, up, core, out_scale)
+
+
+def _lowrank_linear_backward(ctx, grad):
+    x, weight, down, up, core, out_scale = ctx.saved_tensors
+    has_w, has_b, has_c, has_os = ctx.has
+    n = ctx.needs_input_grad
+    mask = [n[0], has_w and n[1], has_b and n[2], n[3], n[4], has_c and n[5], has_os and n[7]]
+    if not any(mask):
+        return (None,) * 8
+    g = _lib.lowrank_linear_backward(grad.contiguous(), x, weight, down, up, core, ctx.scale, out_scale, mask)
+    gx, gw, gb, gd, gu, gc, gos = (t if m else None for t, m in zip(g, mask))
+    return gx, gw, gb, gd, gu, gc, None, gos
+
+
+torch.library.register_autograd(
+    "lowrank_ops::lowrank_linear", _lowrank_linear_backward, setup_context=_lowrank_linear_setup
+)
+
+
+def _dora_norm_setup(ctx, inputs, output):
+    weight, down, up, scale, weight_norm_sq = inputs
+    ctx.scale = scale
+    ctx.cached_sq = weight_norm_sq is not None
+    ctx.save_for_backward(weight, down, up, output)
+
+
+def _dora_norm_backward(ctx, grad):
+    weight, down, up, norm = ctx.saved_tensors
+    n = ctx.needs_input_grad
+    mask = [n[0], n[1], n[2]]
+    if not any(mask):
+        return None, None, None, None, None
+    gw, gd, gu = _lib.dora_norm_backward(grad.contiguous(), norm, weight, down, up, ctx.scale, mask)
+    # d n / d weight_norm_sq = 1 / (2n): the cache is a function of W, so its
+    # gradient is only needed when a caller differentiates through it directly.
+    gwn = None
+    if ctx.cached_sq:
+        c = torch.where(norm > 0, grad / norm, torch.zeros_like(norm))
+        if len(n) > 4 and n[4]:
+            gwn = c / 2
+        if mask[0]:
+            # with a supplied ‖W‖² the norm depends on W only through the cross term
+            gw = gw - c.unsqueeze(1) * weight
+    return (gw if mask[0] else None, gd if mask[1] else None, gu if mask[2] else None, None, gwn)
+
+
+torch.library.register_autograd("lowrank_ops::dora_norm", _dora_norm_backward, setup_context=_dora_norm_setup)

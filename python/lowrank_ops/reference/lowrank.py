@@ -1,0 +1,38 @@
+"""Reference (unfused, composed PyTorch) implementations of the lowrank family."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def lowrank_linear_ref(
+    x: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    down: Tensor,
+    up: Tensor,
+    core: Optional[Tensor] = None,
+    scale: float = 1.0,
+    out_scale: Optional[Tensor] = None,
+) -> Tensor:
+    """``(x·Wᵀ + scale·((x·downᵀ)·coreᵀ)·upᵀ) ⊙ out_scale + bias``, the way peft composes it."""
+    h = F.linear(x, down)
+    if core is not None:
+        h = h * core if core.dim() == 1 else F.linear(h, core)
+    y = F.linear(h, up) * scale
+    if weight is not None:
+        y = F.linear(x, weight) + y
+    if out_scale is not None:
+        y = y * out_scale
+    if bias is not None:
+        y = y + bias
+    return y
+
+
+def dora_norm_ref(weight: Tensor, down: Tensor, up: Tensor, scale: float, weight_norm_sq: Optional[Tensor] = None) -> Tensor:
+    """Row norms of the materialized ``W + scale·up·down`` (what peft's DoRA does)."""
+    del weight_norm_sq
+    return torch.linalg.vector_norm(weight + scale * (up @ down), dim=1)
