@@ -1,0 +1,3 @@
+from .config import DoRA, LoRA
+
+__all__ = ["LoRA", "DoRA"]

@@ -1,0 +1,3 @@
+from .config import VeRA
+
+__all__ = ["VeRA"]
