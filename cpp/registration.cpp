@@ -21,6 +21,15 @@ TORCH_LIBRARY_FRAGMENT(lowrank_ops, m) {
   // ‖W‖² + 2s·rowsum((W·downᵀ)⊙up) + s²·rowsum((up·(down·downᵀ))⊙up); never forms up·down.
   // weight_norm_sq: optional cached rowsum(W⊙W) (out) for a frozen W.
   m.def("dora_norm(Tensor weight, Tensor down, Tensor up, float scale, Tensor? weight_norm_sq=None) -> Tensor");
+  // DoRA (Liu et al. 2024, Eq. 5) in one call with one pass over W:
+  // y = (magnitude / n) ⊙ (x·Wᵀ + scale·x·downᵀ·upᵀ) + bias, n = ‖W + scale·up·down‖ per row.
+  // Returns (y, pre_scale, n); the norm is a constant in y's backward (paper §4.3, as peft).
+  m.def("dora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor down, Tensor up, Tensor magnitude, "
+        "float scale=1.0, Tensor? weight_norm_sq=None) -> (Tensor, Tensor, Tensor)");
+  // Gradients of dora_linear's y for (x, weight, bias, down, up, magnitude) selected by output_mask.
+  m.def("dora_linear_backward(Tensor grad, Tensor x, Tensor weight, Tensor down, Tensor up, Tensor magnitude, "
+        "float scale, Tensor pre_scale, Tensor norm, bool[6] output_mask) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Gradients of dora_norm for (weight, down, up) selected by output_mask.
   m.def("dora_norm_backward(Tensor grad, Tensor norm, Tensor weight, Tensor down, Tensor up, float scale, "
         "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");

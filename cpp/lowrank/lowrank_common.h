@@ -260,22 +260,25 @@ inline DoraFactors dora_factors(const at::Tensor& weight, const at::Tensor& down
   return {wd, udd, u};
 }
 
-inline at::Tensor dora_norm_impl(const at::Tensor& weight, const at::Tensor& down, const at::Tensor& up, double scale,
-                                 const OptTensor& weight_norm_sq) {
-  const char* op = "dora_norm";
-  check_dora(weight, down, up, op);
+// rowsum(W ⊙ W) in the accumulation dtype, from the caller's cache when given.
+inline at::Tensor weight_row_sq(const at::Tensor& weight, const OptTensor& weight_norm_sq, const char* op) {
   const auto acc = at::toOpMathType(weight.scalar_type());
-  at::Tensor wn2;
   if (weight_norm_sq.has_value()) {
     const auto& c = *weight_norm_sq;
     TORCH_CHECK(c.dim() == 1 && c.size(0) == weight.size(0) && c.device() == weight.device(), op,
                 ": `weight_norm_sq` must have shape (out,) = (", weight.size(0), ",) on ", weight.device(), ", got ",
                 shape_str(c), " on ", c.device());
-    wn2 = c.to(acc, /*non_blocking=*/false, /*copy=*/true);  // never write into the caller's cache
-  } else {
-    // One streaming reduction over W (no W-sized temporary), accumulated in `acc`.
-    wn2 = at::linalg_vector_norm(weight, 2, {1}, false, acc).square_();
+    return c.to(acc, /*non_blocking=*/false, /*copy=*/true);  // never write into the caller's cache
   }
+  // One streaming reduction over W (no W-sized temporary), accumulated in `acc`.
+  return at::linalg_vector_norm(weight, 2, {1}, false, acc).square_();
+}
+
+inline at::Tensor dora_norm_impl(const at::Tensor& weight, const at::Tensor& down, const at::Tensor& up, double scale,
+                                 const OptTensor& weight_norm_sq) {
+  const char* op = "dora_norm";
+  check_dora(weight, down, up, op);
+  at::Tensor wn2 = weight_row_sq(weight, weight_norm_sq, op);
   if (weight.size(0) == 0) return at::empty({0}, weight.options());
   auto f = dora_factors(weight, down, up);
   // n² = ‖W‖² + 2s·rowsum(WD ⊙ up) + s²·rowsum(UDD ⊙ up); the (out, r) products are tiny.
@@ -316,6 +319,88 @@ inline Grads3 dora_norm_backward_impl(const at::Tensor& grad, const at::Tensor& 
   auto opt = weight.options();
   auto or_empty = [&](at::Tensor t) { return t.defined() ? t : at::empty({0}, opt); };
   return {or_empty(gw), or_empty(gd), or_empty(gu)};
+}
+
+// ---- dora_linear ----------------------------------------------------------------
+
+// dst = src ⊙ out_scale + bias row-wise; dst may alias src.
+using RowEpilogueInto = void (*)(at::Tensor& dst, const at::Tensor& src, const OptTensor& out_scale,
+                                 const OptTensor& bias);
+using Tensors3 = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+using Grads6 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+inline void check_magnitude(const at::Tensor& x, const at::Tensor& magnitude, int64_t out, const char* op) {
+  check_same(x, magnitude, op, "magnitude");
+  TORCH_CHECK(magnitude.dim() == 1 && magnitude.size(0) == out, op, ": `magnitude` must have shape (out,) = (", out,
+              ",), got ", shape_str(magnitude));
+}
+
+// DoRA's forward with one pass over W: the base GEMM runs on the stacked rows
+// [x; down], so the same product yields x·Wᵀ and down·Wᵀ = (W·downᵀ)ᵀ, the
+// only W-sized term of the factored row norm.  Returns (y, z, n): the output,
+// the pre-scale output z = x·Wᵀ + s·x·downᵀ·upᵀ (the magnitude's gradient
+// needs it) and the row norms n = ‖W + s·up·down‖.
+inline Tensors3 dora_linear_impl(const at::Tensor& x, const at::Tensor& weight, const OptTensor& bias,
+                                 const at::Tensor& down, const at::Tensor& up, const at::Tensor& magnitude,
+                                 double scale, const OptTensor& weight_norm_sq, RowEpilogueInto epilogue) {
+  const char* op = "dora_linear";
+  const auto s = check_lowrank_linear(x, weight, bias, down, up, OptTensor{}, OptTensor{}, op);
+  check_magnitude(x, magnitude, s.out, op);
+  const auto acc = at::toOpMathType(weight.scalar_type());
+  at::Tensor wn2 = weight_row_sq(weight, weight_norm_sq, op);
+  const int64_t T = s.tokens, r = s.rd;
+  at::Tensor xa = at::empty({T + r, s.in}, x.options());
+  const at::Tensor x2 = as_rows(x, T, s.in);
+  xa.narrow(0, 0, T).copy_(x2);
+  xa.narrow(0, T, r).copy_(down);
+  at::Tensor za = at::empty({T + r, s.out}, x.options());
+  if (s.in == 0) {
+    za.zero_();
+  } else {
+    at::mm_out(za, xa, weight.t());
+  }
+  at::Tensor z = za.narrow(0, 0, T);
+  const at::Tensor dw = za.narrow(0, T, r);  // down·Wᵀ, (r, out)
+  if (T > 0 && s.in > 0) z.addmm_(at::mm(x2, down.t()), up.t(), /*beta=*/1, /*alpha=*/scale);
+  // n² = ‖W‖² + 2s·rowsum((W·downᵀ) ⊙ up) + s²·rowsum((up·(down·downᵀ)) ⊙ up)
+  const at::Tensor u = up.to(acc), d = down.to(acc);
+  at::Tensor udd = at::mm(u, at::mm(d, d.t()));
+  at::Tensor n = wn2.add_(dw.t().to(acc).mul(u).sum(1), 2.0 * scale)
+                     .add_(udd.mul_(u).sum(1), scale * scale)
+                     .clamp_min_(0)
+                     .sqrt_();
+  // A zero row norm gives an infinite factor, as the unfactored formula does.
+  const at::Tensor factor = magnitude.to(acc).div(n).to(x.scalar_type());
+  at::Tensor y = at::empty({T, s.out}, x.options());
+  if (T > 0) epilogue(y, z, factor, bias);
+  return {y.view(out_sizes(x, s.out)), z.view(out_sizes(x, s.out)), n.to(weight.scalar_type())};
+}
+
+// Gradients of dora_linear's first output with the norm held constant (DoRA §4.3):
+// gz = g ⊙ m/n feeds lowrank_linear's backward; dL/dm = Σ_t g ⊙ z / n.
+inline Grads6 dora_linear_backward_impl(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight,
+                                        const at::Tensor& down, const at::Tensor& up, const at::Tensor& magnitude,
+                                        double scale, const at::Tensor& pre_scale, const at::Tensor& norm,
+                                        std::array<bool, 6> mask, ColumnDot column_dot) {
+  const char* op = "dora_linear_backward";
+  const auto s = check_lowrank_linear(x, weight, OptTensor{}, down, up, OptTensor{}, OptTensor{}, op);
+  check_magnitude(x, magnitude, s.out, op);
+  TORCH_CHECK(pre_scale.sizes() == grad.sizes() && norm.dim() == 1 && norm.size(0) == s.out, op,
+              ": `pre_scale` must match `grad` ", shape_str(grad), " and `norm` be (", s.out, ",); got ",
+              shape_str(pre_scale), " and ", shape_str(norm));
+  const auto acc = at::toOpMathType(weight.scalar_type());
+  const at::Tensor n = norm.to(acc);
+  const at::Tensor factor = magnitude.to(acc).div(n).to(x.scalar_type());
+  auto g = lowrank_linear_backward_impl(grad, x, weight, down, up, OptTensor{}, scale, factor,
+                                        {mask[0], mask[1], mask[2], mask[3], mask[4], false, false}, column_dot);
+  at::Tensor gm;
+  if (mask[5]) {
+    gm = column_dot(grad.reshape({s.tokens, s.out}), pre_scale.reshape({s.tokens, s.out})).to(acc).div_(n)
+             .to(x.scalar_type());
+  } else {
+    gm = at::empty({0}, x.options());
+  }
+  return {std::get<0>(g), std::get<1>(g), std::get<2>(g), std::get<3>(g), std::get<4>(g), gm};
 }
 
 }  // namespace detail

@@ -102,7 +102,8 @@ class DoRALinear(LoRALinear):
 
     ``lora_magnitude_vector`` (out,) starts at the row norms of ``W₀`` so the
     layer is the identity at init.  The norm is detached (paper §4.3, peft's
-    default).  ``‖W₀‖²`` per row is cached (``W₀`` is frozen); the cache is
+    default).  Forward is one ``dora_linear`` call, which reads ``W₀`` once for
+    both the output and the norm.  ``‖W₀‖²`` per row is cached (``W₀`` is frozen); the cache is
     refreshed whenever the base weight's version counter changes (eager mode)
     and by ``merge``/``unmerge``; call
     :meth:`refresh_weight_norm` after editing the base weight in place inside
@@ -127,11 +128,8 @@ class DoRALinear(LoRALinear):
         self._wn_version = w._version
 
     def _norm(self) -> Tensor:
-        base = self.base_layer.weight
-        if not torch.compiler.is_compiling() and base._version != self._wn_version:
-            self.refresh_weight_norm()
         with torch.no_grad():  # detached, DoRA §4.3
-            return ops.dora_norm(base, self.lora_A.weight, self.lora_B.weight, self.scaling, self.weight_norm_sq.to(base.dtype))
+            return ops.dora_norm(self.base_layer.weight, self.lora_A.weight, self.lora_B.weight, self.scaling, self._wn2())
 
     def delta_weight(self) -> Tensor:
         w = self.base_layer.weight
@@ -150,19 +148,21 @@ class DoRALinear(LoRALinear):
         del self._merge_factor
         self.refresh_weight_norm()
 
+    def _wn2(self) -> Tensor:
+        base = self.base_layer.weight
+        if not torch.compiler.is_compiling() and base._version != self._wn_version:
+            self.refresh_weight_norm()
+        return self.weight_norm_sq.to(base.dtype)
+
     def _adapter_forward(self, x: Tensor) -> Tensor:
         base = self.base_layer
-        m = self.lora_magnitude_vector
+        a, b, m = self.lora_A.weight, self.lora_B.weight, self.lora_magnitude_vector
+        if isinstance(self.lora_dropout, nn.Identity) or not self.training:
+            # one pass over W for both the output and the norm's W·Aᵀ
+            y, _, _ = ops.dora_linear(x, base.weight, base.bias, a, b, m, self.scaling, self._wn2())
+            return y
+        # Dropout changes the adapter's input only: z = W·x + s·B·A·dropout(x).
         factor = m / self._norm()
-        a, b = self.lora_A.weight, self.lora_B.weight
-        dropout = not isinstance(self.lora_dropout, nn.Identity) and self.training
-        if not dropout and not (torch.is_grad_enabled() and m.requires_grad):
-            # inference (or frozen m): one fused call with the per-row scale in the epilogue
-            return ops.lowrank_linear(x, base.weight, base.bias, a, b, None, self.scaling, factor)
-        if dropout:
-            z = F.linear(x, base.weight) + ops.lowrank_linear(self.lora_dropout(x), None, None, a, b, None, self.scaling)
-        else:
-            z = ops.lowrank_linear(x, base.weight, None, a, b, None, self.scaling)
-        # m's gradient needs z itself; one elementwise pass, fused by inductor under compile.
+        z = F.linear(x, base.weight) + ops.lowrank_linear(self.lora_dropout(x), None, None, a, b, None, self.scaling)
         y = z * factor
         return y if base.bias is None else y + base.bias

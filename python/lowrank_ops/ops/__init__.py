@@ -1,4 +1,4 @@
 """Typed wrappers over ``torch.ops.lowrank_ops``; importing registers fakes and autograd."""
-from .lowrank import dora_norm, lowrank_linear
+from .lowrank import dora_linear, dora_norm, lowrank_linear
 
-__all__ = ["lowrank_linear", "dora_norm"]
+__all__ = ["lowrank_linear", "dora_norm", "dora_linear"]

@@ -59,6 +59,38 @@ def dora_norm(
     return _lib.dora_norm(weight, down, up, float(scale), weight_norm_sq)
 
 
+def dora_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    down: Tensor,
+    up: Tensor,
+    magnitude: Tensor,
+    scale: float = 1.0,
+    weight_norm_sq: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """DoRA in one call, reading ``W`` once (DoRA, Liu et al. 2024, Eq. 5).
+
+    ``y = (magnitude / n) ⊙ (x·Wᵀ + scale·x·downᵀ·upᵀ) + bias`` with
+    ``n = ‖W + scale·up·down‖`` per output row.  The base GEMM runs on the
+    stacked rows ``[x; down]`` so the same pass over ``W`` also yields
+    ``W·downᵀ`` for the factored norm; ``up·down`` is never formed.
+
+    Args:
+        x: ``(..., in)``.  weight: ``(out, in)``.  bias: ``(out,)`` or None.
+        down: ``(r, in)``.  up: ``(out, r)``.  magnitude: ``(out,)`` (DoRA's ``m``).
+        scale: LoRA scaling.  weight_norm_sq: optional cached ``rowsum(W⊙W)`` ``(out,)``.
+
+    Returns:
+        ``(y, pre_scale, norm)``: the output ``(..., out)``, the pre-scale output
+        ``x·Wᵀ + scale·x·downᵀ·upᵀ`` (saved for the magnitude gradient) and the
+        row norms ``(out,)``.  In ``y``'s backward the norm is a constant
+        (paper §4.3, peft's behaviour); gradients flowing into the returned
+        ``norm`` itself do reach ``weight``/``down``/``up``.
+    """
+    return _lib.dora_linear(x, weight, bias, down, up, magnitude, float(scale), weight_norm_sq)
+
+
 # --------------------------------------------------------------------------- fakes
 
 
@@ -93,6 +125,19 @@ def _lowrank_linear_backward_fake(grad, x, weight, down, up, core, scale, out_sc
     return tuple(
         x.new_empty(s) if (m and s is not None) else x.new_empty((0,)) for m, s in zip(output_mask, shapes)
     )
+
+
+@torch.library.register_fake("lowrank_ops::dora_linear")
+def _dora_linear_fake(x, weight, bias, down, up, magnitude, scale=1.0, weight_norm_sq=None):
+    _check_common(x, weight, down, up, None)
+    out_shape = (*x.shape[:-1], up.shape[0])
+    return x.new_empty(out_shape), x.new_empty(out_shape), weight.new_empty((weight.shape[0],))
+
+
+@torch.library.register_fake("lowrank_ops::dora_linear_backward")
+def _dora_linear_backward_fake(grad, x, weight, down, up, magnitude, scale, pre_scale, norm, output_mask):
+    shapes = [x.shape, weight.shape, (up.shape[0],), down.shape, up.shape, magnitude.shape]
+    return tuple(x.new_empty(s) if m else x.new_empty((0,)) for m, s in zip(output_mask, shapes))
 
 
 @torch.library.register_fake("lowrank_ops::dora_norm")
@@ -135,6 +180,51 @@ def _lowrank_linear_backward(ctx, grad):
 
 torch.library.register_autograd(
     "lowrank_ops::lowrank_linear", _lowrank_linear_backward, setup_context=_lowrank_linear_setup
+)
+
+
+def _dora_linear_setup(ctx, inputs, output):
+    x, weight, bias, down, up, magnitude, scale, weight_norm_sq = inputs
+    _, pre_scale, norm = output
+    ctx.scale = scale
+    ctx.has_bias = bias is not None
+    ctx.cached_sq = weight_norm_sq is not None
+    ctx.save_for_backward(x, weight, down, up, magnitude, pre_scale, norm)
+
+
+def _dora_linear_backward(ctx, grad, grad_pre_scale, grad_norm):
+    x, weight, down, up, magnitude, pre_scale, norm = ctx.saved_tensors
+    n = ctx.needs_input_grad
+    mask = [n[0], n[1], ctx.has_bias and n[2], n[3], n[4], n[5]]
+    grads = [None] * 8
+    if any(mask) and grad is not None:
+        g = _lib.dora_linear_backward(grad.contiguous(), x, weight, down, up, magnitude, ctx.scale, pre_scale, norm, mask)
+        grads[:6] = [t if m else None for t, m in zip(g, mask)]
+
+    def add(i, t):
+        if t is not None:
+            grads[i] = t if grads[i] is None else grads[i] + t
+
+    if grad_pre_scale is not None and any(mask[:5]):
+        # pre_scale is lowrank_linear(x, W, None, down, up, None, scale)
+        lm = [mask[0], mask[1], False, mask[3], mask[4], False, False]
+        g = _lib.lowrank_linear_backward(grad_pre_scale.contiguous(), x, weight, down, up, None, ctx.scale, None, lm)
+        for i, j in ((0, 0), (1, 1), (3, 3), (4, 4)):
+            add(i, g[j] if lm[j] else None)
+    if grad_norm is not None and (mask[1] or mask[3] or mask[4]):
+        nm = [mask[1], mask[3], mask[4]]
+        gw, gd, gu = _lib.dora_norm_backward(grad_norm.contiguous(), norm, weight, down, up, ctx.scale, nm)
+        if ctx.cached_sq and nm[0]:
+            c = torch.where(norm > 0, grad_norm / norm, torch.zeros_like(norm))
+            gw = gw - c.unsqueeze(1) * weight
+        add(1, gw if nm[0] else None)
+        add(3, gd if nm[1] else None)
+        add(4, gu if nm[2] else None)
+    return tuple(grads)
+
+
+torch.library.register_autograd(
+    "lowrank_ops::dora_linear", _dora_linear_backward, setup_context=_dora_linear_setup
 )
 
 

@@ -36,3 +36,15 @@ def dora_norm_ref(weight: Tensor, down: Tensor, up: Tensor, scale: float, weight
     """Row norms of the materialized ``W + scale·up·down`` (what peft's DoRA does)."""
     del weight_norm_sq
     return torch.linalg.vector_norm(weight + scale * (up @ down), dim=1)
+
+
+def dora_linear_ref(x: Tensor, weight: Tensor, bias: Optional[Tensor], down: Tensor, up: Tensor, magnitude: Tensor,
+                    scale: float = 1.0, weight_norm_sq: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+    """peft's DoRA forward: materialize ``up·down``, detach the norm, rescale."""
+    del weight_norm_sq
+    norm = dora_norm_ref(weight, down, up, scale)
+    pre = F.linear(x, weight) + scale * F.linear(F.linear(x, down), up)
+    y = (magnitude / norm.detach()) * pre
+    if bias is not None:
+        y = y + bias
+    return y, pre, norm

@@ -1,0 +1,343 @@
+"""Benchmark harness of lowrank_ops: ``python -m lowrank_ops.bench [--quick] ...``.
+
+Suites live in ``lowrank_ops.bench.suites.<family>`` (one per op family, run
+on their own by ``benchmarks/ops/bench_<op>.py``) and register named cases
+with :func:`register`.  A case builds its tensors once, checks our result
+against the reference, then hands :func:`measure` one :class:`Impl` per
+implementation:
+
+* ``ours``  — the lowrank_ops op or layer,
+* ``ref``   — what people use today (the composed reference, or peft),
+* ``floor`` — the part of the work no implementation can skip (the frozen
+  base GEMM, reading ``W`` once), so ``vs floor`` shows the adapter overhead.
+
+Every row reports the median time per call (:func:`lowrank_ops.bench.timing.time_fn`),
+GFLOP/s over the nominal flop count of the math that row computes, the
+time ratios ``vs ref`` and ``vs floor`` (this row / that row; < 1 is faster),
+peak extra memory for training steps, and ✓/✗ for ours vs ref agreement —
+a wrong result is flagged rather than silently timed.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import platform
+import sys
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Optional, Sequence, TextIO
+
+import torch
+
+from .timing import Timing, gbps, gflops, peak_extra_memory, time_fn
+
+__all__ = [
+    "Config", "Impl", "Row", "Case", "Report",
+    "register", "cases", "load_suites", "measure", "rel_err", "run", "header", "format_header",
+    "format_table_header", "format_row", "write_json", "default_json_path",
+    "time_fn", "gflops", "gbps", "peak_extra_memory", "Timing",
+]
+
+# Relative Frobenius error allowed between ours and the reference for ✓: loose
+# (the check catches wrong results, not ulp differences), scaled to the dtype.
+TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-3, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+
+
+@dataclass(frozen=True)
+class Config:
+    device: torch.device
+    dtype: torch.dtype
+    quick: bool = False
+    min_run_time: float = 2.0  # seconds of timed calls per row (blocked_autorange)
+    min_runs: int = 3  # at least this many timed blocks, however slow the call
+    warmup: int = 1  # untimed calls before blocked_autorange (whose own block-size probe also warms up)
+
+    @property
+    def tol(self) -> float:
+        return TOLERANCE[self.dtype]
+
+
+@dataclass
+class Impl:
+    """One implementation of a case, ready to time.
+
+    ``fn`` performs one call (one inference, or one forward+backward step);
+    ``flops`` is the nominal flop count of the math it performs (``nbytes``,
+    optional, the bytes it must move, for GB/s).  ``outputs`` performs the same
+    call and returns the tensors to compare (output, and gradients for a
+    training step); it defaults to ``[fn()]``.  ``reset`` frees what an earlier
+    call left behind (gradients) so the memory measurement starts from the
+    steady state.
+    """
+
+    name: str
+    role: str  # "ours" | "ref" | "floor"
+    fn: Callable[[], object]
+    flops: float
+    nbytes: float = 0.0
+    outputs: Optional[Callable[[], Sequence[torch.Tensor]]] = None
+    reset: Optional[Callable[[], None]] = None
+
+    def run_outputs(self) -> list:
+        if self.outputs is not None:
+            return list(self.outputs())
+        out = self.fn()
+        return list(out) if isinstance(out, (list, tuple)) else [out]
+
+
+@dataclass
+class Row:
+    case: str
+    impl: str
+    role: str
+    ms: float
+    iqr_ms: float
+    runs: int
+    gflops: float
+    vs_ref: Optional[float]
+    vs_floor: Optional[float]
+    peak_extra_mb: Optional[float]
+    check: Optional[bool]
+    max_rel_err: Optional[float]
+    flops: float
+    gbps: Optional[float]
+    shape: dict = field(default_factory=dict)
+
+
+@dataclass
+class Case:
+    suite: str
+    name: str
+    run: Callable[[Config], list]  # -> list[Row]
+    quick: bool = True
+    shape: dict = field(default_factory=dict)
+
+
+@dataclass
+class Report:
+    header: dict
+    rows: list
+
+
+_REGISTRY: dict[str, Case] = {}
+
+
+def register(suite: str, name: str, run: Callable[[Config], list], *, quick: bool = True, shape: Optional[dict] = None) -> Case:
+    """Register case ``name`` of ``suite``; ``quick`` cases make up ``--quick``."""
+    if name in _REGISTRY:
+        raise ValueError(f"lowrank_ops.bench: case {name!r} is registered twice")
+    case = Case(suite, name, run, quick, dict(shape or {}))
+    _REGISTRY[name] = case
+    return case
+
+
+def load_suites() -> None:
+    from . import suites  # noqa: F401  (registers every suite's cases)
+
+
+def cases(suite: Optional[str] = None, filter: Optional[str] = None, quick: bool = False) -> list[Case]:
+    """Registered cases in registration order; ``filter`` is comma-separated substrings of case names."""
+    load_suites()
+    pats = [p for p in (filter or "").split(",") if p]
+    return [
+        c for c in _REGISTRY.values()
+        if (suite is None or c.suite == suite)
+        and (not quick or c.quick)
+        and (not pats or any(p in c.name for p in pats))
+    ]
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """``‖actual − expected‖ / ‖expected‖`` in float64; inf on a shape mismatch or a non-finite value."""
+    if actual.shape != expected.shape:
+        return float("inf")
+    a, e = actual.detach().double(), expected.detach().double()
+    err = ((a - e).norm() / e.norm().clamp_min(1e-30)).item()
+    return err if math.isfinite(err) else float("inf")
+
+
+def measure(cfg: Config, case: str, impls: Sequence[Impl], *, memory: bool = False, shape: Optional[dict] = None) -> list[Row]:
+    """Time every implementation of one case, check ours against ref, derive the ratio columns.
+
+    The outputs compared come from one untimed call before timing (which also
+    warms up) or, with ``memory``, from the call whose peak memory is measured
+    after timing (steady state), so checking costs no extra call.
+    """
+    outputs: dict = {}
+    if not memory:
+        for impl in impls:
+            if impl.role in ("ours", "ref"):
+                outputs[impl.name] = impl.run_outputs()
+    timings, peaks = {}, {}
+    for impl in impls:
+        timings[impl.name] = time_fn(impl.fn, cfg.min_run_time, warmup=cfg.warmup, min_runs=cfg.min_runs)
+        if memory:
+            if impl.reset is not None:
+                impl.reset()
+            peaks[impl.name] = peak_extra_memory(
+                lambda: outputs.__setitem__(impl.name, impl.run_outputs()), cfg.device) / 2**20
+
+    ref_impl = next((i for i in impls if i.role == "ref"), None)
+    errors = {}
+    if ref_impl is not None:
+        want = outputs[ref_impl.name]
+        for impl in impls:
+            if impl.role == "ours":
+                got = outputs[impl.name]
+                errors[impl.name] = (max(rel_err(a, b) for a, b in zip(got, want))
+                                     if len(got) == len(want) else float("inf"))
+    outputs.clear()
+
+    ref = timings[ref_impl.name] if ref_impl is not None else None
+    floor = next((timings[i.name] for i in impls if i.role == "floor"), None)
+    rows = []
+    for impl in impls:
+        t = timings[impl.name]
+        err = errors.get(impl.name)
+        rows.append(Row(
+            case=case,
+            impl=impl.name,
+            role=impl.role,
+            ms=t.median * 1e3,
+            iqr_ms=t.iqr * 1e3,
+            runs=t.runs,
+            gflops=gflops(impl.flops, t.median),
+            vs_ref=t.median / ref.median if ref else None,
+            vs_floor=t.median / floor.median if floor else None,
+            peak_extra_mb=peaks.get(impl.name),
+            check=None if err is None else bool(err <= cfg.tol),
+            max_rel_err=err,
+            flops=impl.flops,
+            gbps=gbps(impl.nbytes, t.median) if impl.nbytes else None,
+            shape=dict(shape or {}),
+        ))
+    return rows
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def header(cfg: Config) -> dict:
+    import lowrank_ops
+
+    try:
+        import peft
+
+        peft_version = peft.__version__
+    except ImportError:
+        peft_version = None
+    dev = cfg.device
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name()
+    return {
+        "device": dev.type,
+        "device_name": name,
+        "torch": torch.__version__,
+        "dtype": str(cfg.dtype).replace("torch.", ""),
+        "threads": torch.get_num_threads(),
+        "lowrank_ops": lowrank_ops.__version__,
+        "build_info": lowrank_ops.BUILD_INFO,
+        "peft": peft_version,
+        "python": platform.python_version(),
+        "quick": cfg.quick,
+        "min_run_time_s": cfg.min_run_time,
+        "min_runs": cfg.min_runs,
+        "warmup": cfg.warmup,
+        "tolerance": cfg.tol,
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "command": " ".join(sys.argv),
+    }
+
+
+def format_header(h: dict) -> str:
+    return (
+        f"lowrank_ops bench | device {h['device']} ({h['device_name']}) | torch {h['torch']} | "
+        f"dtype {h['dtype']} | threads {h['threads']} | lowrank_ops {h['lowrank_ops']} ({h['build_info']}) | "
+        f"peft {h['peft'] or 'not installed'}{' | quick' if h['quick'] else ''}"
+    )
+
+
+def _marks(stream: TextIO) -> tuple:
+    try:
+        "✓✗".encode(getattr(stream, "encoding", None) or "ascii")
+        return "✓", "✗"
+    except (UnicodeEncodeError, LookupError):
+        return "ok", "FAIL"
+
+
+_COLS = (("case", 17, "<"), ("impl", 6, "<"), ("ms", 10, ">"), ("GFLOP/s", 8, ">"), ("vs ref", 7, ">"),
+         ("vs floor", 8, ">"), ("peak MB", 8, ">"), ("check", 5, "^"))
+
+
+def _line(cells) -> str:
+    return " | ".join(f"{c:{a}{w}}" for c, (_, w, a) in zip(cells, _COLS)).rstrip()
+
+
+def format_table_header() -> str:
+    head = _line([name for name, _, _ in _COLS])
+    return head + "\n" + "-+-".join("-" * w for _, w, _ in _COLS)
+
+
+def _ms(v: float) -> str:
+    return f"{v:.4f}" if v < 0.1 else f"{v:.3f}" if v < 1 else f"{v:.2f}" if v < 100 else f"{v:.1f}"
+
+
+def format_row(r: Row, marks=("✓", "✗")) -> str:
+    ratio = lambda v: "" if v is None else f"{v:.2f}"  # noqa: E731
+    check = "" if r.check is None else marks[0] if r.check else marks[1]
+    peak = "" if r.peak_extra_mb is None else f"{r.peak_extra_mb:.1f}"
+    return _line([r.case, r.impl, _ms(r.ms), f"{r.gflops:.1f}", ratio(r.vs_ref), ratio(r.vs_floor), peak, check])
+
+
+LEGEND = (
+    "ms: median per call (one inference, or one forward+backward step) | GFLOP/s: nominal flops of the row's math / time\n"
+    "vs ref, vs floor: time ratio this row / that row, < 1 = faster | ref: composed reference, or peft for training\n"
+    "floor: frozen base GEMM only (fwd, or fwd + input grad), or one read of W for dora_norm\n"
+    "peak MB: peak extra MiB allocated during one step (CPU: torch.profiler memory events; CUDA: max_memory_allocated)\n"
+    "check: ours vs ref, max relative error of outputs (and gradients) <= tolerance in the header"
+)
+
+
+def run(cfg: Config, selected: Sequence[Case], stream: TextIO = sys.stdout) -> Report:
+    """Run ``selected`` cases, printing the table as rows arrive; returns every row."""
+    h = header(cfg)
+    marks = _marks(stream)
+    print(format_header(h), file=stream)
+    print(format_table_header(), file=stream, flush=True)
+    rows: list[Row] = []
+    for case in selected:
+        torch.manual_seed(0)
+        case_rows = case.run(cfg)
+        for r in case_rows:
+            print(format_row(r, marks), file=stream, flush=True)
+        rows.extend(case_rows)
+    print(LEGEND.replace("tolerance in the header", f"{cfg.tol:g}"), file=stream)
+    bad = [r for r in rows if r.check is False]
+    if bad:
+        print(f"{marks[1]} results disagree with the reference (timings of these rows are not meaningful): "
+              + ", ".join(f"{r.case}/{r.impl} (rel err {r.max_rel_err:.2e})" for r in bad), file=stream)
+    return Report(h, rows)
+
+
+def default_json_path(device: str) -> str:
+    return os.path.join("benchmarks", "results", f"{device}-{datetime.date.today().isoformat()}.json")
+
+
+def write_json(report: Report, path: str) -> None:
+    d = os.path.dirname(path)
+    if d:
+        os.makedirs(d, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({"header": report.header, "rows": [asdict(r) for r in report.rows]}, f, indent=1, ensure_ascii=False)
+        f.write("\n")

@@ -1,0 +1,4 @@
+"""Benchmark suites, one module per op family; importing registers their cases."""
+from . import lowrank  # noqa: F401
+
+SUITES = ["lowrank"]

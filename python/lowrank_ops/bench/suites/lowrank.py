@@ -1,0 +1,267 @@
+"""Benchmarks of the lowrank family: ``lowrank_linear``, ``dora_norm`` and the LoRA/DoRA layers.
+
+Shapes are one Llama-3-8B attention projection (``q_proj``/``o_proj``:
+4096 → 4096) with a rank-16 adapter, alpha 16 (scale 1); ``T`` is the number
+of tokens (batch × sequence) in a call.
+
+* ``lora_infer_T*`` — ``ops.lowrank_linear`` vs ``reference.lowrank_linear_ref``
+  (peft's unfused composition) vs the frozen GEMM ``F.linear(x, W, b)``.
+* ``lora_train_T*`` / ``dora_train_T*`` — one step (forward + ``y.backward(g)``)
+  with trainable A, B (and DoRA's magnitude), frozen W, b, and the input
+  gradient computed (as in every layer but the first): ``nn.LoRALinear`` /
+  ``nn.DoRALinear`` vs peft's layer on the same ``nn.Linear`` and the same
+  factors, vs the frozen layer's forward + input-gradient step.
+* ``dora_norm`` — ``ops.dora_norm`` (factored, never forms ``B·A``) vs
+  ``dora_norm_ref`` (materializes ``W + s·B·A``) vs one pass over ``W``
+  (``vector_norm(W, dim=1)``).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ... import nn as lnn
+from ... import ops, reference
+from .. import Config, Impl, measure, register
+
+SUITE = "lowrank"
+IN = OUT = 4096  # Llama-3-8B hidden size
+RANK = 16
+ALPHA = 16.0
+SCALE = ALPHA / RANK
+
+INFER_T = (1, 16, 512, 2048)
+TRAIN_T = (16, 128, 512)
+QUICK_INFER_T = (1, 512)
+QUICK_TRAIN_T = (16, 128)
+
+
+def _shape(T=None):
+    s = {"in": IN, "out": OUT, "r": RANK, "alpha": ALPHA}
+    if T is not None:
+        s["T"] = T
+    return s
+
+
+# --------------------------------------------------------------------------- flop counts
+# Nominal counts of the math (multiply-add = 2 flops), the same for every
+# implementation of a row's role, so GFLOP/s compares like with like.
+
+
+def _lowrank_fwd_flops(T: int) -> float:
+    return 2 * T * RANK * (IN + OUT)  # x·Aᵀ, then ·Bᵀ
+
+
+def _dora_norm_flops() -> float:
+    # ‖W‖² + W·Aᵀ (the cross term) + A·Aᵀ and B·(A·Aᵀ) (the s² term) + row sums
+    return 2 * OUT * IN * (RANK + 1) + 2 * RANK * RANK * (IN + OUT) + 4 * OUT * RANK
+
+
+def _train_flops(T: int) -> float:
+    # fwd: base + adapter; bwd: input grad of the base, and for the adapter
+    # g·B, dB = gᵀ·h, dA = (g·B)ᵀ·x, dx += (g·B)·A
+    return 4 * T * IN * OUT + 3 * _lowrank_fwd_flops(T)
+
+
+# --------------------------------------------------------------------------- data
+
+
+def _linear(cfg: Config) -> nn.Linear:
+    return nn.Linear(IN, OUT, device=cfg.device, dtype=cfg.dtype).requires_grad_(False)
+
+
+def _factors(cfg: Config):
+    # peft's init_lora_weights=False scale: both factors Kaiming-uniform-like
+    a = torch.empty(RANK, IN, device=cfg.device, dtype=cfg.dtype).uniform_(-IN ** -0.5, IN ** -0.5)
+    b = torch.empty(OUT, RANK, device=cfg.device, dtype=cfg.dtype).uniform_(-RANK ** -0.5, RANK ** -0.5)
+    return a, b
+
+
+# --------------------------------------------------------------------------- inference
+
+
+def _infer_case(cfg: Config, T: int, name: str):
+    lin = _linear(cfg)
+    w, bias = lin.weight, lin.bias
+    a, b = _factors(cfg)
+    x = torch.randn(T, IN, device=cfg.device, dtype=cfg.dtype)
+
+    def no_grad(f):
+        @functools.wraps(f)
+        def g():
+            with torch.no_grad():
+                return f()
+        return g
+
+    ours = no_grad(lambda: ops.lowrank_linear(x, w, bias, a, b, None, SCALE))
+    ref = no_grad(lambda: reference.lowrank_linear_ref(x, w, bias, a, b, None, SCALE))
+    floor = no_grad(lambda: F.linear(x, w, bias))
+    flops = 2 * T * IN * OUT + _lowrank_fwd_flops(T)
+    return measure(cfg, name, [
+        Impl("ours", "ours", ours, flops),
+        Impl("ref", "ref", ref, flops),
+        Impl("floor", "floor", floor, 2 * T * IN * OUT),
+    ], shape=_shape(T))
+
+
+# --------------------------------------------------------------------------- training
+
+
+def _peft_layer(lin: nn.Linear, ours: lnn.LoRALinear, dora: bool):
+    """peft's LoRA (or DoRA) ``Linear`` around the same ``lin``, holding copies of ours' factors.
+
+    Returns ``(layer, trainable params in ours' order)``, or None without peft.
+    """
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        return None
+
+    class _Holder(nn.Module):
+        def __init__(self, proj):
+            super().__init__()
+            self.proj = proj
+
+        def forward(self, x):
+            return self.proj(x)
+
+    config = LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=["proj"], lora_dropout=0.0,
+                        init_lora_weights=False, use_dora=dora)
+    # autocast_adapter_dtype=False: keep the factors in the benchmark dtype, as ours are
+    model = get_peft_model(_Holder(lin), config, autocast_adapter_dtype=False)
+    layer = model.base_model.model.proj
+    params = [layer.lora_A["default"].weight, layer.lora_B["default"].weight]
+    if dora:
+        params.append(layer.lora_magnitude_vector["default"].weight)
+    with torch.no_grad():
+        for p, q in zip(params, _ours_params(ours, dora)):
+            p.copy_(q)
+    return layer, params
+
+
+def _ours_params(ours, dora: bool):
+    p = [ours.lora_A.weight, ours.lora_B.weight]
+    return p + [ours.lora_magnitude_vector] if dora else p
+
+
+class _RefDoRA(nn.Module):
+    """DoRA composed from the references (used only when peft is missing)."""
+
+    def __init__(self, lin, a, b, m):
+        super().__init__()
+        self.lin, self.a, self.b, self.m = lin, a, b, m
+
+    def forward(self, x):
+        with torch.no_grad():  # detached norm, DoRA §4.3
+            n = reference.dora_norm_ref(self.lin.weight, self.a, self.b, SCALE)
+        z = reference.lowrank_linear_ref(x, self.lin.weight, None, self.a, self.b, None, SCALE)
+        return z * (self.m / n) + self.lin.bias
+
+
+def _ref_layer(lin, ours, dora: bool):
+    params = [nn.Parameter(p.detach().clone()) for p in _ours_params(ours, dora)]
+    if dora:
+        return _RefDoRA(lin, *params), params
+    a, b = params
+    return (lambda x: reference.lowrank_linear_ref(x, lin.weight, lin.bias, a, b, None, SCALE)), params
+
+
+def _drop_grads(x, params):
+    def reset():
+        x.grad = None
+        for p in params:
+            p.grad = None
+
+    return reset
+
+
+def _step(layer, x, g, params):
+    """One training step; grads are reset to None first so accumulation never enters the timing."""
+    reset = _drop_grads(x, params)
+
+    def step():
+        reset()
+        layer(x).backward(g)
+
+    return step
+
+
+def _outputs(layer, x, g, params):
+    """The same step, returning what it computed: output, input grad, parameter grads."""
+    reset = _drop_grads(x, params)
+
+    def outputs():
+        reset()
+        y = layer(x)
+        y.backward(g)
+        return [y.detach(), x.grad] + [p.grad for p in params]
+
+    return outputs
+
+
+def _train_impl(name, role, layer, x, g, params, flops) -> Impl:
+    return Impl(name, role, _step(layer, x, g, params), flops,
+                outputs=_outputs(layer, x, g, params), reset=_drop_grads(x, params))
+
+
+def _train_case(cfg: Config, T: int, dora: bool, name: str):
+    lin = _linear(cfg)
+    x = torch.randn(T, IN, device=cfg.device, dtype=cfg.dtype, requires_grad=True)
+    g = torch.randn(T, OUT, device=cfg.device, dtype=cfg.dtype)
+    ours = (lnn.DoRALinear if dora else lnn.LoRALinear)(lin, r=RANK, alpha=ALPHA, init="random").train()
+    ours_params = _ours_params(ours, dora)
+
+    built = _peft_layer(lin, ours, dora)
+    ref_name = "peft"
+    if built is None:
+        built, ref_name = _ref_layer(lin, ours, dora), "ref"
+    ref, ref_params = built
+
+    flops = _train_flops(T) + (_dora_norm_flops() if dora else 0)
+    return measure(cfg, name, [
+        _train_impl("ours", "ours", ours, x, g, ours_params, flops),
+        _train_impl(ref_name, "ref", ref, x, g, ref_params, flops),
+        _train_impl("floor", "floor", lin, x, g, [], 4 * T * IN * OUT),
+    ], memory=True, shape=_shape(T))
+
+
+# --------------------------------------------------------------------------- dora_norm
+
+
+def _dora_norm_case(cfg: Config, name: str):
+    w = _linear(cfg).weight
+    a, b = _factors(cfg)
+
+    def run(f):
+        def call():
+            with torch.no_grad():
+                return f(w, a, b, SCALE)
+        return call
+
+    nbytes = w.numel() * w.element_size()
+    return measure(cfg, name, [
+        Impl("ours", "ours", run(ops.dora_norm), _dora_norm_flops(), nbytes),
+        Impl("ref", "ref", run(reference.dora_norm_ref), _dora_norm_flops(), nbytes),
+        Impl("floor", "floor", run(lambda w, a, b, s: torch.linalg.vector_norm(w, dim=1)), 2 * OUT * IN, nbytes),
+    ], shape=_shape())
+
+
+# --------------------------------------------------------------------------- registration
+
+
+def _register_all() -> None:
+    for T in INFER_T:
+        name = f"lora_infer_T{T}"
+        register(SUITE, name, functools.partial(_infer_case, T=T, name=name), quick=T in QUICK_INFER_T, shape=_shape(T))
+    for kind, dora in (("lora", False), ("dora", True)):
+        for T in TRAIN_T:
+            name = f"{kind}_train_T{T}"
+            register(SUITE, name, functools.partial(_train_case, T=T, dora=dora, name=name),
+                     quick=T in QUICK_TRAIN_T, shape=_shape(T))
+    register(SUITE, "dora_norm", functools.partial(_dora_norm_case, name="dora_norm"), shape=_shape())
+
+
+_register_all()
