@@ -25,6 +25,7 @@ import math
 import os
 import platform
 import sys
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional, Sequence, TextIO
 
@@ -103,6 +104,7 @@ class Row:
     flops: float
     gbps: Optional[float]
     shape: dict = field(default_factory=dict)
+    case_wall_s: Optional[float] = None  # wall time of the whole case (setup, check, timing, memory)
 
 
 @dataclass
@@ -316,12 +318,16 @@ def run(cfg: Config, selected: Sequence[Case], stream: TextIO = sys.stdout) -> R
     print(format_header(h), file=stream)
     print(format_table_header(), file=stream, flush=True)
     rows: list[Row] = []
+    start = time.perf_counter()
     for case in selected:
         torch.manual_seed(0)
+        t0 = time.perf_counter()
         case_rows = case.run(cfg)
         for r in case_rows:
+            r.case_wall_s = time.perf_counter() - t0
             print(format_row(r, marks), file=stream, flush=True)
         rows.extend(case_rows)
+    h["wall_s"] = time.perf_counter() - start  # the cases only, not imports
     print(LEGEND.replace("tolerance in the header", f"{cfg.tol:g}"), file=stream)
     bad = [r for r in rows if r.check is False]
     if bad:

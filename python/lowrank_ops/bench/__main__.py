@@ -23,7 +23,7 @@ FULL_MIN_RUN_TIME = 2.0
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m lowrank_ops.bench", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m lowrank_ops.bench", description="Run the lowrank_ops benchmark suites; print (and optionally save) the table.",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
                    help="smoke run: fewer token counts and a short min_run_time")

@@ -153,6 +153,49 @@ def _dora_norm_backward_fake(grad, norm, weight, down, up, scale, output_mask):
 
 
 # --------------------------------------------------------------------------- autograd
+# Double backward (create_graph=True: gradient penalties, Hessian-vector
+# products) differentiates a composite re-computation of the same math in
+# plain torch ops; the fused backward kernels serve every first-order backward.
+
+
+def _composite_lowrank_linear(x, weight, bias, down, up, core, scale, out_scale):
+    h = torch.nn.functional.linear(x, down)
+    if core is not None:
+        h = h * core if core.dim() == 1 else torch.nn.functional.linear(h, core)
+    z = scale * torch.nn.functional.linear(h, up)
+    if weight is not None:
+        z = z + torch.nn.functional.linear(x, weight)
+    if out_scale is not None:
+        z = z * out_scale
+    return z if bias is None else z + bias
+
+
+def _composite_dora_norm(weight, down, up, scale, weight_norm_sq):
+    wn2 = (weight * weight).sum(1) if weight_norm_sq is None else weight_norm_sq
+    cross = ((weight @ down.t()) * up).sum(1)
+    quad = ((up @ (down @ down.t())) * up).sum(1)
+    return (wn2 + 2 * scale * cross + scale * scale * quad).clamp_min(0).sqrt()
+
+
+def _grad_of_composite(fn, args, needs, grads_out):
+    """Gradients of ``fn(*args)`` w.r.t. the args flagged in ``needs``, with a graph."""
+    with torch.enable_grad():
+        outs = fn(*args)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        pairs = [(o, g) for o, g in zip(outs, grads_out) if g is not None]
+        wrt = [a for a, nd in zip(args, needs) if nd]
+        got = torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs],
+                                  create_graph=True, allow_unused=True)
+    it = iter(got)
+    res = []
+    for a, nd in zip(args, needs):
+        if nd:
+            g = next(it)
+            res.append(torch.zeros_like(a) if g is None else g)
+        else:
+            res.append(None)
+    return res
+
 # Forward saves only x and the (parameter) tensors it was given: never the
 # rank-r intermediate's dense expansion, never up·down.  The rank-r
 # intermediate x·downᵀ is recomputed in backward (T·r·in flops, ~r/out of the
@@ -163,16 +206,21 @@ def _lowrank_linear_setup(ctx, inputs, output):
     x, weight, bias, down, up, core, scale, out_scale = inputs
     ctx.scale = scale
     ctx.has = (weight is not None, bias is not None, core is not None, out_scale is not None)
-    ctx.save_for_backward(x, weight, down, up, core, out_scale)
+    # bias is saved only for the create_graph path (a parameter: no memory cost)
+    ctx.save_for_backward(x, weight, bias, down, up, core, out_scale)
 
 
 def _lowrank_linear_backward(ctx, grad):
-    x, weight, down, up, core, out_scale = ctx.saved_tensors
+    x, weight, bias, down, up, core, out_scale = ctx.saved_tensors
     has_w, has_b, has_c, has_os = ctx.has
     n = ctx.needs_input_grad
     mask = [n[0], has_w and n[1], has_b and n[2], n[3], n[4], has_c and n[5], has_os and n[7]]
     if not any(mask):
         return (None,) * 8
+    if torch.is_grad_enabled():
+        args = (x, weight, bias, down, up, core, ctx.scale, out_scale)
+        needs = [mask[0], mask[1], mask[2], mask[3], mask[4], mask[5], False, mask[6]]
+        return tuple(_grad_of_composite(_composite_lowrank_linear, args, needs, (grad,)))
     g = _lib.lowrank_linear_backward(grad.contiguous(), x, weight, down, up, core, ctx.scale, out_scale, mask)
     gx, gw, gb, gd, gu, gc, gos = (t if m else None for t, m in zip(g, mask))
     return gx, gw, gb, gd, gu, gc, None, gos
@@ -189,13 +237,24 @@ def _dora_linear_setup(ctx, inputs, output):
     ctx.scale = scale
     ctx.has_bias = bias is not None
     ctx.cached_sq = weight_norm_sq is not None
-    ctx.save_for_backward(x, weight, down, up, magnitude, pre_scale, norm)
+    ctx.save_for_backward(x, weight, bias, down, up, magnitude, weight_norm_sq, pre_scale, norm)
+
+
+def _composite_dora_linear(x, weight, bias, down, up, magnitude, scale, weight_norm_sq):
+    norm = _composite_dora_norm(weight, down, up, scale, weight_norm_sq)
+    pre = _composite_lowrank_linear(x, weight, None, down, up, None, scale, None)
+    y = pre * (magnitude / norm.detach())  # the norm is a constant in y (DoRA §4.3)
+    return (y if bias is None else y + bias), pre, norm
 
 
 def _dora_linear_backward(ctx, grad, grad_pre_scale, grad_norm):
-    x, weight, down, up, magnitude, pre_scale, norm = ctx.saved_tensors
+    x, weight, bias, down, up, magnitude, weight_norm_sq, pre_scale, norm = ctx.saved_tensors
     n = ctx.needs_input_grad
     mask = [n[0], n[1], ctx.has_bias and n[2], n[3], n[4], n[5]]
+    if torch.is_grad_enabled() and any(n):
+        args = (x, weight, bias, down, up, magnitude, ctx.scale, weight_norm_sq)
+        needs = mask + [False, ctx.cached_sq and len(n) > 7 and n[7]]
+        return tuple(_grad_of_composite(_composite_dora_linear, args, needs, (grad, grad_pre_scale, grad_norm)))
     grads = [None] * 8
     if any(mask) and grad is not None:
         g = _lib.dora_linear_backward(grad.contiguous(), x, weight, down, up, magnitude, ctx.scale, pre_scale, norm, mask)
@@ -232,25 +291,27 @@ def _dora_norm_setup(ctx, inputs, output):
     weight, down, up, scale, weight_norm_sq = inputs
     ctx.scale = scale
     ctx.cached_sq = weight_norm_sq is not None
-    ctx.save_for_backward(weight, down, up, output)
+    ctx.save_for_backward(weight, down, up, output, weight_norm_sq)
 
 
 def _dora_norm_backward(ctx, grad):
-    weight, down, up, norm = ctx.saved_tensors
+    weight, down, up, norm, weight_norm_sq = ctx.saved_tensors
     n = ctx.needs_input_grad
     mask = [n[0], n[1], n[2]]
-    if not any(mask):
-        return None, None, None, None, None
-    gw, gd, gu = _lib.dora_norm_backward(grad.contiguous(), norm, weight, down, up, ctx.scale, mask)
-    # d n / d weight_norm_sq = 1 / (2n): the cache is a function of W, so its
-    # gradient is only needed when a caller differentiates through it directly.
-    gwn = None
+    if torch.is_grad_enabled() and any(n):
+        args = (weight, down, up, ctx.scale, weight_norm_sq)
+        needs = mask + [False, ctx.cached_sq and len(n) > 4 and n[4]]
+        return tuple(_grad_of_composite(_composite_dora_norm, args, needs, (grad,)))
+    gw = gd = gu = gwn = None
+    if any(mask):
+        gw, gd, gu = _lib.dora_norm_backward(grad.contiguous(), norm, weight, down, up, ctx.scale, mask)
     if ctx.cached_sq:
+        # d n / d weight_norm_sq = 1 / (2n); with a supplied ‖W‖² the norm
+        # depends on W only through the cross term, so drop ∂W's c ⊙ W part.
         c = torch.where(norm > 0, grad / norm, torch.zeros_like(norm))
         if len(n) > 4 and n[4]:
             gwn = c / 2
         if mask[0]:
-            # with a supplied ‖W‖² the norm depends on W only through the cross term
             gw = gw - c.unsqueeze(1) * weight
     return (gw if mask[0] else None, gd if mask[1] else None, gu if mask[2] else None, None, gwn)
 
