@@ -85,8 +85,8 @@ def dora_linear(
         ``(y, pre_scale, norm)``: the output ``(..., out)``, the pre-scale output
         ``x·Wᵀ + scale·x·downᵀ·upᵀ`` (saved for the magnitude gradient) and the
         row norms ``(out,)``.  In ``y``'s backward the norm is a constant
-        (paper §4.3, peft's behaviour); gradients flowing into the returned
-        ``norm`` itself do reach ``weight``/``down``/``up``.
+        (paper §4.3, peft's behaviour); ``pre_scale`` and ``norm`` are
+        non-differentiable outputs (``dora_norm`` gives a differentiable norm).
     """
     return _lib.dora_linear(x, weight, bias, down, up, magnitude, float(scale), weight_norm_sq)
 
@@ -182,7 +182,7 @@ def _grad_of_composite(fn, args, needs, grads_out):
     with torch.enable_grad():
         outs = fn(*args)
         outs = outs if isinstance(outs, tuple) else (outs,)
-        pairs = [(o, g) for o, g in zip(outs, grads_out) if g is not None]
+        pairs = [(o, g) for o, g in zip(outs, grads_out) if g is not None and o.requires_grad]
         wrt = [a for a, nd in zip(args, needs) if nd]
         got = torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs],
                                   create_graph=True, allow_unused=True)
@@ -234,52 +234,34 @@ torch.library.register_autograd(
 def _dora_linear_setup(ctx, inputs, output):
     x, weight, bias, down, up, magnitude, scale, weight_norm_sq = inputs
     _, pre_scale, norm = output
+    # pre_scale and norm are returned for inspection and for the backward; they
+    # carry no gradient (use dora_norm for a differentiable norm), so a DoRA
+    # step never runs backward passes for outputs it does not use.
+    ctx.mark_non_differentiable(pre_scale, norm)
+    ctx.set_materialize_grads(False)
     ctx.scale = scale
     ctx.has_bias = bias is not None
-    ctx.cached_sq = weight_norm_sq is not None
     ctx.save_for_backward(x, weight, bias, down, up, magnitude, weight_norm_sq, pre_scale, norm)
 
 
 def _composite_dora_linear(x, weight, bias, down, up, magnitude, scale, weight_norm_sq):
-    norm = _composite_dora_norm(weight, down, up, scale, weight_norm_sq)
+    norm = _composite_dora_norm(weight, down, up, scale, weight_norm_sq).detach()  # constant in y (DoRA §4.3)
     pre = _composite_lowrank_linear(x, weight, None, down, up, None, scale, None)
-    y = pre * (magnitude / norm.detach())  # the norm is a constant in y (DoRA §4.3)
-    return (y if bias is None else y + bias), pre, norm
+    y = pre * (magnitude / norm)
+    return y if bias is None else y + bias
 
 
-def _dora_linear_backward(ctx, grad, grad_pre_scale, grad_norm):
+def _dora_linear_backward(ctx, grad, grad_pre_scale=None, grad_norm=None):
     x, weight, bias, down, up, magnitude, weight_norm_sq, pre_scale, norm = ctx.saved_tensors
     n = ctx.needs_input_grad
     mask = [n[0], n[1], ctx.has_bias and n[2], n[3], n[4], n[5]]
-    if torch.is_grad_enabled() and any(n):
+    if grad is None or not any(mask):
+        return (None,) * 8
+    if torch.is_grad_enabled():
         args = (x, weight, bias, down, up, magnitude, ctx.scale, weight_norm_sq)
-        needs = mask + [False, ctx.cached_sq and len(n) > 7 and n[7]]
-        return tuple(_grad_of_composite(_composite_dora_linear, args, needs, (grad, grad_pre_scale, grad_norm)))
-    grads = [None] * 8
-    if any(mask) and grad is not None:
-        g = _lib.dora_linear_backward(grad.contiguous(), x, weight, down, up, magnitude, ctx.scale, pre_scale, norm, mask)
-        grads[:6] = [t if m else None for t, m in zip(g, mask)]
-
-    def add(i, t):
-        if t is not None:
-            grads[i] = t if grads[i] is None else grads[i] + t
-
-    if grad_pre_scale is not None and any(mask[:5]):
-        # pre_scale is lowrank_linear(x, W, None, down, up, None, scale)
-        lm = [mask[0], mask[1], False, mask[3], mask[4], False, False]
-        g = _lib.lowrank_linear_backward(grad_pre_scale.contiguous(), x, weight, down, up, None, ctx.scale, None, lm)
-        for i, j in ((0, 0), (1, 1), (3, 3), (4, 4)):
-            add(i, g[j] if lm[j] else None)
-    if grad_norm is not None and (mask[1] or mask[3] or mask[4]):
-        nm = [mask[1], mask[3], mask[4]]
-        gw, gd, gu = _lib.dora_norm_backward(grad_norm.contiguous(), norm, weight, down, up, ctx.scale, nm)
-        if ctx.cached_sq and nm[0]:
-            c = torch.where(norm > 0, grad_norm / norm, torch.zeros_like(norm))
-            gw = gw - c.unsqueeze(1) * weight
-        add(1, gw if nm[0] else None)
-        add(3, gd if nm[1] else None)
-        add(4, gu if nm[2] else None)
-    return tuple(grads)
+        return tuple(_grad_of_composite(_composite_dora_linear, args, mask + [False, False], (grad,)))
+    g = _lib.dora_linear_backward(grad.contiguous(), x, weight, down, up, magnitude, ctx.scale, pre_scale, norm, mask)
+    return (*(t if m else None for t, m in zip(g, mask)), None, None)
 
 
 torch.library.register_autograd(
