@@ -324,15 +324,35 @@ inline Grads3 dora_norm_backward_impl(const at::Tensor& grad, const at::Tensor& 
     at::Tensor cu = up.to(acc).mul(c.unsqueeze(1)).to(wdt);
     gw = at::addmm(weight.mul(c.to(wdt).unsqueeze(1)), cu, down, 1, scale);
   }
-  if (mask[1]) {
-    at::Tensor cu = up.to(acc).mul(c.unsqueeze(1));                   // (out, r)
-    at::Tensor g = at::mm(cu.to(wdt).t(), weight).to(acc);            // (r, in): one pass over W
-    g.addmm_(at::mm(cu.t(), up.to(acc)), down.to(acc), 1, scale);     // + s·(cuᵀ·up)·down
-    gd = g.mul_(scale).to(wdt);
-  }
-  if (mask[2]) {
-    auto f = dora_factors(weight, down, up);
-    gu = f.wd.add_(f.udd, scale).mul_(c.unsqueeze(1)).mul_(scale).to(wdt);
+  if (mask[1] || mask[2]) {
+    // Rows where the adapter nearly cancels W (n_j² < ‖W_j‖²/4, as in the
+    // forward) lose precision in the factored formulas, which subtract terms
+    // of size ‖W_j‖; their V_j = W_j + s·up_j·down is formed densely instead.
+    const at::Tensor wn2 = at::linalg_vector_norm(weight, 2, {1}, false, acc).square_();
+    const at::Tensor bad = n.square().lt(wn2.mul(0.25)).nonzero().squeeze(1);
+    const bool any_bad = bad.numel() > 0;
+    const at::Tensor ua = up.to(acc), da = down.to(acc);
+    at::Tensor c_good = c, v_bad, c_bad;
+    if (any_bad) {
+      c_good = c.index_fill(0, bad, 0);
+      c_bad = c.index_select(0, bad);
+      v_bad = weight.index_select(0, bad).to(acc).addmm_(ua.index_select(0, bad), da, 1, scale);  // (k, in)
+    }
+    if (mask[1]) {
+      // ∂down = s·Σ_j c_j·up_jᵀ·V_j = s·((c⊙up)ᵀ·W + s·((c⊙up)ᵀ·up)·down)
+      at::Tensor cu = ua.mul(c_good.unsqueeze(1));                         // (out, r)
+      at::Tensor g = at::mm(cu.to(wdt).t(), weight).to(acc);               // (r, in): one pass over W
+      g.addmm_(at::mm(cu.t(), ua), da, 1, scale);
+      if (any_bad) g.addmm_(ua.index_select(0, bad).mul(c_bad.unsqueeze(1)).t(), v_bad);
+      gd = g.mul_(scale).to(wdt);
+    }
+    if (mask[2]) {
+      // ∂up = s·c ⊙ (V·downᵀ) = s·c ⊙ (W·downᵀ + s·up·(down·downᵀ))
+      auto f = dora_factors(weight, down, up);
+      at::Tensor vd = f.wd.add_(f.udd, scale);
+      if (any_bad) vd.index_copy_(0, bad, at::mm(v_bad, da.t()));
+      gu = vd.mul_(c.unsqueeze(1)).mul_(scale).to(wdt);
+    }
   }
   auto opt = weight.options();
   auto or_empty = [&](at::Tensor t) { return t.defined() ? t : at::empty({0}, opt); };

@@ -286,7 +286,8 @@ def _dora_norm_backward(ctx, grad):
         return tuple(_grad_of_composite(_composite_dora_norm, args, needs, (grad,)))
     gw = gd = gu = gwn = None
     if any(mask):
-        gw, gd, gu = _lib.dora_norm_backward(grad.contiguous(), norm, weight, down, up, ctx.scale, mask)
+        kmask = [mask[0] and not ctx.cached_sq, mask[1], mask[2]]
+        gw, gd, gu = _lib.dora_norm_backward(grad.contiguous(), norm, weight, down, up, ctx.scale, kmask)
     if ctx.cached_sq:
         # d n / d weight_norm_sq = 1 / (2n); with a supplied ‖W‖² the norm
         # depends on W only through the cross term, so drop ∂W's c ⊙ W part.
@@ -294,7 +295,9 @@ def _dora_norm_backward(ctx, grad):
         if len(n) > 4 and n[4]:
             gwn = c / 2
         if mask[0]:
-            gw = gw - c.unsqueeze(1) * weight
+            # ∂W = s·(c ⊙ up)·down directly (the kernel's c⊙W + ... minus c⊙W would cancel)
+            acc = torch.promote_types(weight.dtype, torch.float32)
+            gw = (torch.mm(up.to(acc) * c.to(acc).unsqueeze(1), down.to(acc)) * ctx.scale).to(weight.dtype)
     return (gw if mask[0] else None, gd if mask[1] else None, gu if mask[2] else None, None, gwn)
 
 
