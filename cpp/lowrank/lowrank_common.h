@@ -375,7 +375,8 @@ inline void check_magnitude(const at::Tensor& x, const at::Tensor& magnitude, in
 
 // DoRA's forward with one pass over W: the base GEMM runs on the stacked rows
 // [x; down], so the same product yields x·Wᵀ and down·Wᵀ = (W·downᵀ)ᵀ, the
-// only W-sized term of the factored row norm.  Returns (y, z, n): the output,
+// only W-sized term of the factored row norm (when T >= r; below that the
+// products run separately, see the branch).  Returns (y, z, n): the output,
 // the pre-scale output z = x·Wᵀ + s·x·downᵀ·upᵀ (the magnitude's gradient
 // needs it) and the row norms n = ‖W + s·up·down‖.
 inline Tensors3 dora_linear_impl(const at::Tensor& x, const at::Tensor& weight, const OptTensor& bias,
@@ -387,18 +388,32 @@ inline Tensors3 dora_linear_impl(const at::Tensor& x, const at::Tensor& weight, 
   const auto acc = at::toOpMathType(weight.scalar_type());
   at::Tensor wn2 = weight_row_sq(weight, weight_norm_sq, op);
   const int64_t T = s.tokens, r = s.rd;
-  at::Tensor xa = at::empty({T + r, s.in}, x.options());
   const at::Tensor x2 = as_rows(x, T, s.in);
-  xa.narrow(0, 0, T).copy_(x2);
-  xa.narrow(0, T, r).copy_(down);
-  at::Tensor za = at::empty({T + r, s.out}, x.options());
-  if (s.in == 0) {
-    za.zero_();
+  at::Tensor z, dw;  // z = x·Wᵀ (T, out), dw = down·Wᵀ (r, out)
+  if (T >= r) {
+    // Stacking adds at most T rows to a GEMM that reads W anyway: one pass over W.
+    at::Tensor xa = at::empty({T + r, s.in}, x.options());
+    xa.narrow(0, 0, T).copy_(x2);
+    xa.narrow(0, T, r).copy_(down);
+    at::Tensor za = at::empty({T + r, s.out}, x.options());
+    if (s.in == 0) {
+      za.zero_();
+    } else {
+      at::mm_out(za, xa, weight.t());
+    }
+    z = za.narrow(0, 0, T);
+    dw = za.narrow(0, T, r);
   } else {
-    at::mm_out(za, xa, weight.t());
+    // Few tokens (decoding): more than doubling the GEMM's rows would move it
+    // off the matrix-vector path, so the two products run separately.
+    z = at::empty({T, s.out}, x.options());
+    if (s.in == 0) {
+      z.zero_();
+    } else {
+      at::mm_out(z, x2, weight.t());
+    }
+    dw = at::mm(down, weight.t());
   }
-  at::Tensor z = za.narrow(0, 0, T);
-  const at::Tensor dw = za.narrow(0, T, r);  // down·Wᵀ, (r, out)
   if (T > 0 && s.in > 0) z.addmm_(at::mm(x2, down.t()), up.t(), /*beta=*/1, /*alpha=*/scale);
   // n² = ‖W‖² + 2s·rowsum((W·downᵀ) ⊙ up) + s²·rowsum((up·(down·downᵀ)) ⊙ up)
   const at::Tensor u = up.to(acc), d = down.to(acc);

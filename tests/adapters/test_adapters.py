@@ -193,3 +193,23 @@ def test_load_rejects_mismatched_files(tmp_path):
     (tmp_path / "adapter_model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="adapter_model.safetensors"):
         adapters.load_pretrained(make(), tmp_path)
+
+
+def test_dora_eval_cache_tracks_parameter_updates():
+    """Eager inference caches m/n; any in-place update of W, A, B or m must invalidate it."""
+    layer = DoRALinear(nn.Linear(16, 8).double(), r=3, init="random").eval()
+    x = torch.randn(4, 16, dtype=torch.float64)
+
+    def dense():
+        w = layer.base_layer.weight
+        return torch.nn.functional.linear(x, w + layer.delta_weight(), layer.base_layer.bias)
+
+    with torch.no_grad():
+        y1 = layer(x)
+        torch.testing.assert_close(y1, dense())
+        for p in (layer.lora_B.weight, layer.lora_A.weight, layer.lora_magnitude_vector, layer.base_layer.weight):
+            p.mul_(1.5)
+            y2 = layer(x)
+            torch.testing.assert_close(y2, dense())
+            assert not torch.allclose(y1, y2)
+            y1 = y2

@@ -103,7 +103,9 @@ class DoRALinear(LoRALinear):
     ``lora_magnitude_vector`` (out,) starts at the row norms of ``W₀`` so the
     layer is the identity at init.  The norm is detached (paper §4.3, peft's
     default).  Forward is one ``dora_linear`` call, which reads ``W₀`` once for
-    both the output and the norm.  ``‖W₀‖²`` per row is cached (``W₀`` is frozen); the cache is
+    both the output and the norm; in eager inference (``eval()`` + no grad)
+    ``m/n`` is cached until a parameter changes, so a decode step costs one
+    ``lowrank_linear`` call.  ``‖W₀‖²`` per row is cached (``W₀`` is frozen); the cache is
     refreshed whenever the base weight's version counter changes (eager mode)
     and by ``merge``/``unmerge``; call
     :meth:`refresh_weight_norm` after editing the base weight in place inside
@@ -157,6 +159,15 @@ class DoRALinear(LoRALinear):
     def _adapter_forward(self, x: Tensor) -> Tensor:
         base = self.base_layer
         a, b, m = self.lora_A.weight, self.lora_B.weight, self.lora_magnitude_vector
+        if not self.training and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            # Eager inference: m/n is constant until a parameter changes, so it is
+            # cached (keyed on version counters and storage) and each call reads W once.
+            key = tuple((t._version, t.data_ptr()) for t in (base.weight, a, b, m))
+            cached = self.__dict__.get("_eval_factor")
+            if cached is None or cached[0] != key:
+                cached = (key, m / self._norm())
+                self.__dict__["_eval_factor"] = cached
+            return ops.lowrank_linear(x, base.weight, base.bias, a, b, None, self.scaling, cached[1])
         if isinstance(self.lora_dropout, nn.Identity) or not self.training:
             # one pass over W for both the output and the norm's W·Aᵀ
             y, _, _ = ops.dora_linear(x, base.weight, base.bias, a, b, m, self.scaling, self._wn2())
