@@ -7,6 +7,19 @@ from typing import ClassVar
 from torch import nn
 
 
+#: Fields every peft config file carries with these values for a plain adapter.
+PEFT_COMMON = {
+    "bias": "none",
+    "fan_in_fan_out": False,
+    "modules_to_save": None,
+    "task_type": None,
+    "base_model_name_or_path": None,
+    "inference_mode": True,
+    "layers_to_transform": None,
+    "layers_pattern": None,
+}
+
+
 @dataclass
 class AdapterConfig:
     """Base class.  Subclasses set ``peft_type`` and implement :meth:`create_layer`."""

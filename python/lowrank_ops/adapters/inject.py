@@ -92,21 +92,23 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 
 @torch.no_grad()
-def merge_and_unload(model: nn.Module) -> nn.Module:
-    """Fold every adapter into its base weight and put the plain ``nn.Linear`` back."""
+def _remove_adapters(model: nn.Module, merge: bool) -> nn.Module:
     for name, layer in list(adapter_layers(model)):
-        layer.merge()
+        if merge:
+            layer.merge()
+        else:
+            layer.unmerge()
         _set_submodule(model, name, layer.base_layer)
     if getattr(model, _STATE_ATTR, None) is not None:
         object.__delattr__(model, _STATE_ATTR)
     return model
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its base weight and put the plain ``nn.Linear`` back."""
+    return _remove_adapters(model, merge=True)
 
 
 def unload(model: nn.Module) -> nn.Module:
     """Remove every adapter without merging (unmerging merged ones first)."""
-    for name, layer in list(adapter_layers(model)):
-        layer.unmerge()
-        _set_submodule(model, name, layer.base_layer)
-    if getattr(model, _STATE_ATTR, None) is not None:
-        object.__delattr__(model, _STATE_ATTR)
-    return model
+    return _remove_adapters(model, merge=False)

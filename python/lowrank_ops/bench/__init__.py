@@ -11,7 +11,7 @@ implementation:
 * ``floor`` — the part of the work no implementation can skip (the frozen
   base GEMM, reading ``W`` once), so ``vs floor`` shows the adapter overhead.
 
-Every row reports the median time per call (:func:`lowrank_ops.bench.timing.time_fn`),
+Every row reports the median time per call (:func:`lowrank_ops.bench.timing.time_interleaved`: implementations timed in alternating rounds, ratios paired round by round),
 GFLOP/s over the nominal flop count of the math that row computes, the
 time ratios ``vs ref`` and ``vs floor`` (this row / that row; < 1 is faster),
 peak extra memory for training steps, and ✓/✗ for ours vs ref agreement —
@@ -31,13 +31,13 @@ from typing import Callable, Optional, Sequence, TextIO
 
 import torch
 
-from .timing import Timing, gbps, gflops, peak_extra_memory, time_fn
+from .timing import Timing, gbps, gflops, paired_ratio, peak_extra_memory, time_interleaved
 
 __all__ = [
     "Config", "Impl", "Row", "Case", "Report",
     "register", "cases", "load_suites", "measure", "rel_err", "run", "header", "format_header",
     "format_table_header", "format_row", "write_json", "default_json_path",
-    "time_fn", "gflops", "gbps", "peak_extra_memory", "Timing",
+    "time_interleaved", "paired_ratio", "gflops", "gbps", "peak_extra_memory", "Timing",
 ]
 
 # Relative Frobenius error allowed between ours and the reference for ✓: loose
@@ -50,9 +50,9 @@ class Config:
     device: torch.device
     dtype: torch.dtype
     quick: bool = False
-    min_run_time: float = 2.0  # seconds of timed calls per row (blocked_autorange)
-    min_runs: int = 3  # at least this many timed blocks, however slow the call
-    warmup: int = 1  # untimed calls before blocked_autorange (whose own block-size probe also warms up)
+    min_run_time: float = 2.0  # seconds of timed calls per implementation (interleaved rounds)
+    min_runs: int = 5  # at least this many interleaved rounds
+    warmup: int = 1  # untimed calls before the block-size probe
 
     @property
     def tol(self) -> float:
@@ -171,10 +171,12 @@ def measure(cfg: Config, case: str, impls: Sequence[Impl], *, memory: bool = Fal
         for impl in impls:
             if impl.role in ("ours", "ref"):
                 outputs[impl.name] = impl.run_outputs()
-    timings, peaks = {}, {}
-    for impl in impls:
-        timings[impl.name] = time_fn(impl.fn, cfg.min_run_time, warmup=cfg.warmup, min_runs=cfg.min_runs)
-        if memory:
+    peaks = {}
+    tlist, rounds = time_interleaved([i.fn for i in impls], cfg.min_run_time, device=cfg.device,
+                                     warmup=cfg.warmup, min_rounds=cfg.min_runs)
+    timings = {impl.name: t for impl, t in zip(impls, tlist)}
+    if memory:
+        for impl in impls:
             if impl.reset is not None:
                 impl.reset()
             peaks[impl.name] = peak_extra_memory(
@@ -191,11 +193,13 @@ def measure(cfg: Config, case: str, impls: Sequence[Impl], *, memory: bool = Fal
                                      if len(got) == len(want) else float("inf"))
     outputs.clear()
 
-    ref = timings[ref_impl.name] if ref_impl is not None else None
-    floor = next((timings[i.name] for i in impls if i.role == "floor"), None)
+    idx = {impl.name: k for k, impl in enumerate(impls)}
+    ref = idx[ref_impl.name] if ref_impl is not None else None
+    floor = next((idx[i.name] for i in impls if i.role == "floor"), None)
     rows = []
     for impl in impls:
         t = timings[impl.name]
+        k = idx[impl.name]
         err = errors.get(impl.name)
         rows.append(Row(
             case=case,
@@ -205,8 +209,8 @@ def measure(cfg: Config, case: str, impls: Sequence[Impl], *, memory: bool = Fal
             iqr_ms=t.iqr * 1e3,
             runs=t.runs,
             gflops=gflops(impl.flops, t.median),
-            vs_ref=t.median / ref.median if ref else None,
-            vs_floor=t.median / floor.median if floor else None,
+            vs_ref=paired_ratio(rounds, k, ref) if ref is not None else None,
+            vs_floor=paired_ratio(rounds, k, floor) if floor is not None else None,
             peak_extra_mb=peaks.get(impl.name),
             check=None if err is None else bool(err <= cfg.tol),
             max_rel_err=err,

@@ -78,7 +78,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     min_run_time = args.min_run_time or (QUICK_MIN_RUN_TIME if args.quick else FULL_MIN_RUN_TIME)
     cfg = Config(device=device, dtype=dtype, quick=args.quick, min_run_time=min_run_time,
-                 min_runs=1 if args.quick else 3, warmup=0 if args.quick else 1)
+                 min_runs=3 if args.quick else 7, warmup=1)
     report = run(cfg, selected)
     if args.json is not None:
         path = args.json or default_json_path(device.type)

@@ -1,11 +1,11 @@
 """The one timing helper of the benchmarks, plus throughput and peak-memory helpers.
 
-* :func:`time_fn` — median wall time of repeated calls after warm-up, measured
-  with ``torch.utils.benchmark.Timer.blocked_autorange`` (which synchronizes
-  CUDA around every block, so GPU work is counted).  ``Timer`` pins
-  ``num_threads`` to 1 unless told otherwise; we pass
-  ``torch.get_num_threads()`` so the CPU numbers use the threads the header
-  reports.
+* :func:`time_interleaved` — the implementations of one case timed in
+  alternating rounds (A B C A B C …), each round a block of calls sized from
+  ``torch.utils.benchmark.Timer.blocked_autorange``'s probe; per-impl medians,
+  and every ratio taken round by round, so a machine whose speed drifts (as
+  shared 2-core machines do, by 2–3×) still gives paired, comparable ratios.
+  CUDA is synchronized around every block.
 * :func:`gflops` / :func:`gbps` — rates from a flop or byte count.
 * :func:`peak_extra_memory` — peak bytes allocated *on top of* what was live
   before one call (the activation/gradient footprint of a training step).
@@ -33,24 +33,54 @@ class Timing:
     number_per_run: int
 
 
-def time_fn(fn: Callable[[], object], min_run_time: float, *, warmup: int = 1, min_runs: int = 1) -> Timing:
-    """Median seconds per call of ``fn()``.
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
-    ``warmup`` untimed calls first (lazy initialisation, allocator and oneDNN
-    primitive caches); ``blocked_autorange`` then picks a block size (its own
-    probe calls are discarded too) and times blocks until ``min_run_time``
-    seconds have been spent.  Slow calls can finish that in one block, so
-    ``min_runs`` tops the sample up with further blocks of the same size.
+
+def time_interleaved(fns: list[Callable[[], object]], min_run_time: float, *, device: torch.device,
+                     warmup: int = 1, min_rounds: int = 5) -> tuple[list[Timing], list[list[float]]]:
+    """Time ``fns`` in alternating rounds; returns per-fn :class:`Timing` and the
+    per-round seconds-per-call matrix ``[round][fn]`` (for paired ratios).
+
+    Each fn gets a block size from one ``blocked_autorange`` probe (≥ ~20 ms
+    per block); rounds continue until ``min_run_time`` seconds per fn have been
+    spent and at least ``min_rounds`` rounds ran.
     """
-    for _ in range(warmup):
-        fn()
-    timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-    m = timer.blocked_autorange(min_run_time=min_run_time)
-    times = list(m.times)
-    while len(times) < min_runs:
-        times.append(timer.timeit(m.number_per_run).median)
-    q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
-    return Timing(median=statistics.median(times), iqr=q[2] - q[0], runs=len(times), number_per_run=m.number_per_run)
+    import time
+
+    numbers = []
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+        timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+        probe = timer.blocked_autorange(min_run_time=0.02)
+        numbers.append(max(1, probe.number_per_run))
+    rounds: list[list[float]] = []
+    spent = 0.0
+    while len(rounds) < min_rounds or spent < min_run_time * len(fns):
+        row = []
+        for fn, n in zip(fns, numbers):
+            _sync(device)
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fn()
+            _sync(device)
+            dt = time.perf_counter() - t0
+            spent += dt
+            row.append(dt / n)
+        rounds.append(row)
+    timings = []
+    for j, n in enumerate(numbers):
+        times = [r[j] for r in rounds]
+        q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
+        timings.append(Timing(median=statistics.median(times), iqr=q[2] - q[0], runs=len(times), number_per_run=n))
+    return timings, rounds
+
+
+def paired_ratio(rounds: list[list[float]], i: int, j: int) -> float:
+    """Median over rounds of time[i] / time[j]."""
+    return statistics.median(r[i] / r[j] for r in rounds)
 
 
 def gflops(flops: float, seconds: float) -> float:

@@ -7,18 +7,8 @@ from typing import ClassVar
 from torch import nn
 
 from ...nn import DoRALinear, LoRALinear
-from ..config import AdapterConfig
+from ..config import PEFT_COMMON, AdapterConfig
 
-_COMMON_PEFT = {
-    "bias": "none",
-    "fan_in_fan_out": False,
-    "modules_to_save": None,
-    "task_type": None,
-    "base_model_name_or_path": None,
-    "inference_mode": True,
-    "layers_to_transform": None,
-    "layers_pattern": None,
-}
 
 
 @dataclass
@@ -54,7 +44,7 @@ class LoRA(AdapterConfig):
 
     def to_peft_dict(self, target_modules) -> dict:
         return {
-            **_COMMON_PEFT,
+            **PEFT_COMMON,
             "peft_type": "LORA",
             "r": self.r,
             "lora_alpha": self.alpha,

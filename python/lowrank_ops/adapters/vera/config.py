@@ -7,7 +7,7 @@ from typing import ClassVar
 from torch import nn
 
 from ...nn import VeRALinear, vera_projections
-from ..config import AdapterConfig
+from ..config import PEFT_COMMON, AdapterConfig
 
 
 @dataclass
@@ -56,15 +56,8 @@ class VeRA(AdapterConfig):
             "save_projection": self.save_projection,
             "vera_dropout": self.dropout,
             "target_modules": target_modules,
-            "bias": "none",
-            "fan_in_fan_out": False,
             "init_weights": True,
-            "modules_to_save": None,
-            "task_type": None,
-            "base_model_name_or_path": None,
-            "inference_mode": True,
-            "layers_to_transform": None,
-            "layers_pattern": None,
+            **PEFT_COMMON,
         }
 
     @classmethod
