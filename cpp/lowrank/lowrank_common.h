@@ -13,7 +13,7 @@
 #include <ATen/ops/nonzero.h>
 #include <ATen/ops/where.h>
 #include <ATen/ops/zeros.h>
-#include <c10/util/irange.h>
+#include <c10/util/accumulate.h>
 
 #include <string>
 #include <vector>
@@ -62,11 +62,7 @@ inline LinearShapes check_lowrank_linear(const at::Tensor& x, const OptTensor& w
   s.rd = down.size(0);
   s.ru = up.size(1);
   s.out = up.size(0);
-  s.tokens = s.in == 0 ? 0 : x.numel() / s.in;
-  if (s.in == 0) {
-    s.tokens = 1;
-    for (int64_t i = 0; i + 1 < x.dim(); ++i) s.tokens *= x.size(i);
-  }
+  s.tokens = c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);  // also right when in == 0
   TORCH_CHECK(s.rd > 0 && s.ru > 0, op, ": rank must be >= 1, got `down` ", shape_str(down), " and `up` ",
               shape_str(up));
   TORCH_CHECK(down.size(1) == s.in, op, ": `down` must have shape (r, in) = (r, ", s.in, ") to match `x` ",
@@ -250,15 +246,22 @@ struct DoraFactors {
   at::Tensor wd, udd, u;
 };
 
-inline DoraFactors dora_factors(const at::Tensor& weight, const at::Tensor& down, const at::Tensor& up) {
-  const auto acc = at::toOpMathType(weight.scalar_type());
-  // W·downᵀ runs in the weight's dtype (BLAS accumulates low precision in fp32)
-  // so W is read once and never upcast as a whole.
-  at::Tensor wd = at::mm(weight, down.t()).to(acc);
+// From a W·downᵀ already computed in the weight's dtype (BLAS accumulates low
+// precision in fp32), so W is read once and never upcast as a whole.
+inline DoraFactors dora_factors_from(const at::Tensor& wd, const at::Tensor& down, const at::Tensor& up) {
+  const auto acc = at::toOpMathType(up.scalar_type());
   at::Tensor d = down.to(acc);
   at::Tensor u = up.to(acc);
-  at::Tensor udd = at::mm(u, at::mm(d, d.t()));
-  return {wd, udd, u};
+  return {wd.to(acc), at::mm(u, at::mm(d, d.t())), u};
+}
+
+inline DoraFactors dora_factors(const at::Tensor& weight, const at::Tensor& down, const at::Tensor& up) {
+  return dora_factors_from(at::mm(weight, down.t()), down, up);
+}
+
+// n² = ‖W‖² + 2s·rowsum(WD ⊙ up) + s²·rowsum(UDD ⊙ up); the (out, r) products are tiny.
+inline at::Tensor factored_norm_sq(const at::Tensor& wn2, const DoraFactors& f, double scale) {
+  return wn2.add(f.wd.mul(f.u).sum(1), 2.0 * scale).add_(f.udd.mul(f.u).sum(1), scale * scale);
 }
 
 // rowsum(W ⊙ W) in the accumulation dtype, from the caller's cache when given.
@@ -299,9 +302,7 @@ inline at::Tensor dora_norm_impl(const at::Tensor& weight, const at::Tensor& dow
   check_dora(weight, down, up, op);
   at::Tensor wn2 = weight_row_sq(weight, weight_norm_sq, op);
   if (weight.size(0) == 0) return at::empty({0}, weight.options());
-  auto f = dora_factors(weight, down, up);
-  // n² = ‖W‖² + 2s·rowsum(WD ⊙ up) + s²·rowsum(UDD ⊙ up); the (out, r) products are tiny.
-  at::Tensor n2 = wn2.add(f.wd.mul(f.u).sum(1), 2.0 * scale).add_(f.udd.mul_(f.u).sum(1), scale * scale);
+  at::Tensor n2 = factored_norm_sq(wn2, dora_factors(weight, down, up), scale);
   return finish_row_norms(n2, wn2, weight, down, up, scale).to(weight.scalar_type());
 }
 
@@ -415,10 +416,7 @@ inline Tensors3 dora_linear_impl(const at::Tensor& x, const at::Tensor& weight, 
     dw = at::mm(down, weight.t());
   }
   if (T > 0 && s.in > 0) z.addmm_(at::mm(x2, down.t()), up.t(), /*beta=*/1, /*alpha=*/scale);
-  // n² = ‖W‖² + 2s·rowsum((W·downᵀ) ⊙ up) + s²·rowsum((up·(down·downᵀ)) ⊙ up)
-  const at::Tensor u = up.to(acc), d = down.to(acc);
-  at::Tensor udd = at::mm(u, at::mm(d, d.t()));
-  at::Tensor n2 = wn2.add(dw.t().to(acc).mul(u).sum(1), 2.0 * scale).add_(udd.mul_(u).sum(1), scale * scale);
+  at::Tensor n2 = factored_norm_sq(wn2, dora_factors_from(dw.t(), down, up), scale);
   at::Tensor n = finish_row_norms(n2, wn2, weight, down, up, scale);
   // A zero row norm gives an infinite factor, as the unfactored formula does.
   const at::Tensor factor = magnitude.to(acc).div(n).to(x.scalar_type());
