@@ -39,7 +39,9 @@ BUILD_INFO = _load_library()
 
 from . import ops  # noqa: E402  (registers fakes + autograd)
 from . import reference  # noqa: E402
+from . import linalg  # noqa: E402
 from . import nn  # noqa: E402
 from . import adapters  # noqa: E402
+from . import merge  # noqa: E402
 
-__all__ = ["ops", "reference", "nn", "adapters", "BUILD_INFO", "__version__"]
+__all__ = ["ops", "reference", "linalg", "nn", "adapters", "merge", "BUILD_INFO", "__version__"]

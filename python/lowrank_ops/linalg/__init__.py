@@ -1,0 +1,52 @@
+"""Linear algebra for low-rank methods: randomized, factored and updating SVDs, pivoted QR, rank selection.
+
+```python
+import lowrank_ops as lro
+U, S, Vh = lro.linalg.rsvd(W, rank=16)                 # Halko randomized SVD
+U, S, Vh = lro.linalg.factored_svd(B, A, weights=w)   # SVD of B·diag(w)·A, never formed
+U, S, Vh = lro.linalg.svd_update(U, S, Vh, P, Q, rank)  # SVD of U·diag(S)·Vh + P·Qᵀ
+U, S, Vh = lro.linalg.svd_append(U, S, Vh, C, rank, dim=1)
+Q, R, perm = lro.linalg.pivoted_qr(A)                  # A[:, perm] = Q·R
+```
+
+Contract shared by every SVD here: ``U (..., m, k)``, ``S (..., k)`` non-increasing
+and non-negative, ``Vh (..., k, n)``; fp64 in → fp64 out, anything else → fp32.
+
+The interim bodies below call the plain-PyTorch references; the compiled ops
+(``lowrank_ops.ops.linalg`` / ``lowrank_ops.ops.svd_update``) replace them.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import Tensor
+
+from ..reference import linalg as _ref
+
+
+def rsvd(A: Tensor, rank: int, oversample: int = 8, n_iter: int = 2, seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    """Randomized truncated SVD of ``A (..., m, n)`` (Halko et al. 2011) -> ``(U, S, Vh)`` of rank ``rank``."""
+    return _ref.rsvd_ref(A, rank, oversample, n_iter, seed)
+
+
+def pivoted_qr(A: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Column-pivoted QR of ``A (m, n)`` -> ``(Q (m, k), R (k, n), perm (n,))`` with ``A[:, perm] = Q·R``."""
+    return _ref.pivoted_qr_ref(A)
+
+
+def factored_svd(B: Tensor, A: Tensor, weights: Optional[Tensor] = None, rank: Optional[int] = None):
+    """Exact thin SVD of ``B (m, R) · diag(weights (R,)) · A (R, n)`` -> ``(U, S, Vh)``, rank ``rank`` (default ``R``)."""
+    return _ref.factored_svd_ref(B, A, weights, rank)
+
+
+def svd_update(U: Tensor, S: Tensor, Vh: Tensor, P: Tensor, Q: Tensor, rank: int):
+    """Truncated SVD of ``U·diag(S)·Vh + P·Qᵀ`` (Brand 2006); ``P (m, c)``, ``Q (n, c)``."""
+    return _ref.svd_update_ref(U, S, Vh, P, Q, rank)
+
+
+def svd_append(U: Tensor, S: Tensor, Vh: Tensor, C: Tensor, rank: int, dim: int = 1):
+    """Truncated SVD after appending columns (``dim=1``, ``C (m, c)``) or rows (``dim=0``, ``C (c, n)``)."""
+    return _ref.svd_append_ref(U, S, Vh, C, rank, dim)
+
+
+__all__ = ["rsvd", "pivoted_qr", "factored_svd", "svd_update", "svd_append"]
