@@ -13,9 +13,19 @@ from .inject import adapter_layers, count_parameters, inject, merge_and_unload, 
 from .io import adapter_state_dict, load_pretrained, save_pretrained
 from .lora import DoRA, LoRA
 from .vera import VeRA
+from .kasa import KaSA, kasa_regularizer
+from .lamda import LaMDA, lamda_freeze_projection_b
+from .loldu import LoLDU
+from .qrlora import QRLoRA
+from .salt import SALT
+from .sorsa import SORSA, sorsa_regularizer
+from .svf import SVF
+from .svft import SVFT
 
 __all__ = [
     "AdapterConfig", "LoRA", "DoRA", "VeRA",
     "inject", "adapter_layers", "trainable_parameters", "count_parameters", "merge_and_unload", "unload",
     "save_pretrained", "load_pretrained", "adapter_state_dict",
+    "SVFT", "SORSA", "SVF", "KaSA", "SALT", "LaMDA", "QRLoRA", "LoLDU",
+    "sorsa_regularizer", "kasa_regularizer", "lamda_freeze_projection_b",
 ]

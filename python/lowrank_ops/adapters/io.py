@@ -19,13 +19,23 @@ from torch import nn
 
 from .config import AdapterConfig
 from .inject import _STATE_ATTR, adapter_layers, adapter_state, inject
+from .kasa import KaSA
+from .lamda import LaMDA
+from .loldu import LoLDU
 from .lora import LoRA
+from .qrlora import QRLoRA
+from .salt import SALT
+from .sorsa import SORSA
+from .svf import SVF
+from .svft import SVFT
 from .vera import VeRA
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
 _PREFIX = "base_model.model."
 _CONFIGS = {"LORA": LoRA, "VERA": VeRA}
+# methods peft lacks: our own keys in peft's layout (see adapters/spectral_common.py)
+_CONFIGS.update({c.peft_type: c for c in (SVFT, SORSA, SVF, KaSA, SALT, LaMDA, QRLoRA, LoLDU)})
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -46,7 +56,8 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     state = adapter_state(model)
     out: dict[str, torch.Tensor] = {}
     for name, layer in adapter_layers(model):
-        for pname, p in layer.named_parameters():
+        # parameters and persistent buffers (frozen bases of the spectral methods)
+        for pname, p in layer.state_dict(keep_vars=True).items():
             if not pname.startswith("base_layer."):
                 out[f"{_PREFIX}{name}.{pname}"] = p.detach()
     config = state["config"]

@@ -1,0 +1,4 @@
+from .config import QRLoRA
+from .layer import QRLoRALinear
+
+__all__ = ["QRLoRA", "QRLoRALinear"]

@@ -1,0 +1,4 @@
+from .config import SVFT
+from .layer import SVFTLinear
+
+__all__ = ["SVFT", "SVFTLinear"]
