@@ -15,7 +15,7 @@ from .layer import KaSALinear
 @dataclass
 class KaSA(SpectralConfigMixin, AdapterConfig):
     """KaSA — Wang et al. 2024, "KaSA: Knowledge-Aware Singular-Value Adaptation of Large
-    Language Models", https://arxiv.org/abs/2412.06071 (§3): truncate the ``r`` minor
+    Language Models", https://arxiv.org/abs/2412.06071, method section: truncate the ``r`` minor
     singular components of ``W``, then ``ΔW = (alpha/r)·ΔU·diag(ΔΣ)·ΔVᵀ`` with the loss
     ``L + β‖ΔΣ‖² + γ(‖ΔUᵀΔU − I‖_F + ‖ΔVᵀΔV − I‖_F)`` (:func:`kasa_regularizer`).
 

@@ -1,17 +1,17 @@
 """KaSA layer: Wang et al. 2024, "KaSA: Knowledge-Aware Singular-Value Adaptation of Large
 Language Models", https://arxiv.org/abs/2412.06071.
 
-Stage 1 — knowledge-based SVD truncation (§3.1): the ``r`` smallest singular
+Stage 1 — knowledge-based SVD truncation: the ``r`` smallest singular
 components of ``W`` are dropped, ``W_world = U_{k−r} Σ_{k−r} V_{k−r}ᵀ``
 (``k = min(out, in)``), which becomes the frozen base.  (The authors' code keeps
 ``in_features − r`` components; we use ``min(out, in) − r`` so tall layers work.)
 This changes the layer at init: the output equals ``W_world x + b``, not ``W x + b``.
 
-Stage 2 — knowledge-aware singular-value adaptation (§3.2):
+Stage 2 — knowledge-aware singular-value adaptation:
 ``ΔW = s·ΔU·diag(ΔΣ)·ΔVᵀ`` with ``ΔU = kasa_B (out, r)`` (zero at init, so
 ``ΔW = 0``), ``ΔVᵀ = kasa_A (r, in)`` (Kaiming-uniform), ``ΔΣ = kasa_diag (r,)``
 (standard normal, as the authors' code) and ``s = alpha/r``.  Training adds
-``β·‖ΔΣ‖₂² + γ·(‖ΔUᵀΔU − I‖_F + ‖ΔVᵀΔV − I‖_F)`` (§3.3): :meth:`KaSALinear.regularizers`.
+``β·‖ΔΣ‖₂² + γ·(‖ΔUᵀΔU − I‖_F + ‖ΔVᵀΔV − I‖_F)``: :meth:`KaSALinear.regularizers`.
 The truncation is destructive: ``unload()`` / ``unmerge()`` give back ``W_world``.
 """
 from __future__ import annotations

@@ -14,7 +14,7 @@ from .layer import INITS, LaMDALinear
 @dataclass
 class LaMDA(SpectralConfigMixin, AdapterConfig):
     """LaMDA — Azizi et al. 2024, "LaMDA: Large Model Fine-Tuning via Spectrally Decomposed
-    Low-Dimensional Adaptation", https://arxiv.org/abs/2406.12832 (§3): ``ΔW = B·S·A`` with
+    Low-Dimensional Adaptation", https://arxiv.org/abs/2406.12832, method section: ``ΔW = B·S·A`` with
     frozen PMA ``A``, trainable ``r × r`` core ``S`` and PMB ``B`` (frozen early by
     :func:`lamda_freeze_projection_b`).
 

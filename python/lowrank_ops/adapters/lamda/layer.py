@@ -1,5 +1,5 @@
 """LaMDA layer: Azizi, Kundu & Pedram 2024, "LaMDA: Large Model Fine-Tuning via Spectrally
-Decomposed Low-Dimensional Adaptation", https://arxiv.org/abs/2406.12832 (§3).
+Decomposed Low-Dimensional Adaptation", https://arxiv.org/abs/2406.12832, method section.
 
 ``ΔW = B·S·A`` with the first projection ``A (r, in)`` (PMA) frozen, a trainable
 low-dimensional square core ``S (r, r)`` and the second projection ``B (out, r)``

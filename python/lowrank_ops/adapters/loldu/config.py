@@ -14,7 +14,7 @@ from .layer import LoLDULinear
 @dataclass
 class LoLDU(SpectralConfigMixin, AdapterConfig):
     """LoLDU — Shi et al. 2024, "LoLDU: Low-Rank Adaptation via Lower-Diag-Upper Decomposition
-    for Parameter-Efficient Fine-Tuning", https://arxiv.org/abs/2410.13618 (§3):
+    for Parameter-Efficient Fine-Tuning", https://arxiv.org/abs/2410.13618, method section:
     ``W = P L D U``; ``ΔW = s·P L_r diag(z) U_r`` with frozen ``L_r``, ``U_r`` and trainable
     ``z`` (+ scalar ``s``); the base becomes the residual so the layer starts unchanged.
 

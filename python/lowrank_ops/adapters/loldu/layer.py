@@ -1,5 +1,5 @@
 """LoLDU layer: Shi et al. 2024, "LoLDU: Low-Rank Adaptation via Lower-Diag-Upper
-Decomposition for Parameter-Efficient Fine-Tuning", https://arxiv.org/abs/2410.13618 (§3).
+Decomposition for Parameter-Efficient Fine-Tuning", https://arxiv.org/abs/2410.13618, method section.
 
 LDU of the frozen weight with partial pivoting, ``W = P L D U`` (``L`` unit
 lower-trapezoidal, ``U`` unit upper-trapezoidal, ``D`` diagonal).  The leading

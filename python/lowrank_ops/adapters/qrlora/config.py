@@ -14,7 +14,7 @@ from .layer import QRLoRALinear
 @dataclass
 class QRLoRA(SpectralConfigMixin, AdapterConfig):
     """QR-LoRA — Liang & Bharadwaj 2025, "QR-LoRA: QR-Based Low-Rank Adaptation for Efficient
-    Fine-Tuning of Large Language Models", https://arxiv.org/abs/2508.21810 (§3):
+    Fine-Tuning of Large Language Models", https://arxiv.org/abs/2508.21810, method section:
     ``W P = Q R`` (column-pivoted QR), ``ΔW = Σ_{i≤r} λ_i Q_i R_iᵀ`` with trainable scalars ``λ``.
 
     Attributes:

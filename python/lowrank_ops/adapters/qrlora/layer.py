@@ -1,5 +1,5 @@
 """QR-LoRA layer: Liang & Bharadwaj 2025, "QR-LoRA: QR-Based Low-Rank Adaptation for
-Efficient Fine-Tuning of Large Language Models", https://arxiv.org/abs/2508.21810 (§3).
+Efficient Fine-Tuning of Large Language Models", https://arxiv.org/abs/2508.21810, method section.
 
 Column-pivoted QR of the frozen weight, ``W P = Q R`` (``|diag R|``
 non-increasing), gives an orthonormal basis ``Q``; the update is

@@ -14,7 +14,7 @@ from .layer import SALTLinear
 @dataclass
 class SALT(SpectralConfigMixin, AdapterConfig):
     """SALT — Elsayed et al. 2025, "SALT: Parameter-Efficient Fine-Tuning via Singular Value
-    Adaptation with Low-Rank Transformation", https://arxiv.org/abs/2503.16055 (§2):
+    Adaptation with Low-Rank Transformation", https://arxiv.org/abs/2503.16055, method section:
     ``W' = U_k diag(ReLU(α⊙σ_k + β)) V_kᵀ + U_{>k}(Σ_{>k} + XY)V_{>k}ᵀ``.
 
     Attributes:

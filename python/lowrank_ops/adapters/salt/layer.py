@@ -1,5 +1,5 @@
 """SALT layer: Elsayed et al. 2025, "SALT: Parameter-Efficient Fine-Tuning via Singular
-Value Adaptation with Low-Rank Transformation", https://arxiv.org/abs/2503.16055 (§2).
+Value Adaptation with Low-Rank Transformation", https://arxiv.org/abs/2503.16055, method section.
 
 With ``W = U Σ Vᵀ`` (thin SVD, frozen ``U``, ``V``), the top-``k`` singular values
 are scaled and shifted, ``σ'_i = ReLU(α_i σ_i + β_i)`` (``α`` starts at 1,

@@ -15,7 +15,7 @@ from .layer import SORSALinear
 @dataclass
 class SORSA(SpectralConfigMixin, AdapterConfig):
     """SORSA — Cao 2024, "SORSA: Singular Values and Orthonormal Regularized Singular Vectors
-    Adaptation of Large Language Models", https://arxiv.org/abs/2409.00055 (§3):
+    Adaptation of Large Language Models", https://arxiv.org/abs/2409.00055, method section:
     ``W = W_r + U_p Σ_p V_pᵀ`` with trainable ``U_p, Σ_p, V_p`` and the regulariser
     ``γ(‖U_pᵀU_p − I‖_F² + ‖V_pᵀV_p − I‖_F²)`` (:func:`sorsa_regularizer`).
 

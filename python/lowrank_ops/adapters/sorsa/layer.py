@@ -1,7 +1,7 @@
 """SORSA layer: Cao 2024, "SORSA: Singular Values and Orthonormal Regularized Singular
 Vectors Adaptation of Large Language Models", https://arxiv.org/abs/2409.00055.
 
-Split (§3): ``W = W_r + W_p`` with ``W_p = U_p Σ_p V_pᵀ`` the top-``r`` SVD part
+Split (method section): ``W = W_r + W_p`` with ``W_p = U_p Σ_p V_pᵀ`` the top-``r`` SVD part
 and ``W_r`` the frozen residual (held in ``base_layer.weight``).  ``U_p``,
 ``Σ_p``, ``V_pᵀ`` all train; the orthonormal regulariser
 ``‖U_pᵀU_p − I‖_F² + ‖V_pᵀV_p − I‖_F²`` (added to the loss with weight γ)

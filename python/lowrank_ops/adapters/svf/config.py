@@ -15,7 +15,7 @@ from .layer import PARAMETRIZATIONS, SVFLinear
 class SVF(SpectralConfigMixin, AdapterConfig):
     """Singular-value fine-tuning — "Singular Value Few-shot Adaptation of Vision-Language
     Models" (CLIP-SVD, 2025) and Transformer² SVF (Sun et al. 2025,
-    https://arxiv.org/abs/2501.06252, §3.1): ``W' = U·diag(σ')·Vᵀ``, i.e.
+    https://arxiv.org/abs/2501.06252): ``W' = U·diag(σ')·Vᵀ``, i.e.
     ``ΔW = U·diag(σ' − σ)·Vᵀ``; only the singular values train.
 
     Attributes:

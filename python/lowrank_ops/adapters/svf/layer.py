@@ -5,7 +5,7 @@
 * CLIP-SVD — "Singular Value Few-shot Adaptation of Vision-Language Models"
   (2025): trains ``σ'`` directly (``parametrization="additive"``).
 * Transformer² SVF — Sun et al. 2025, "Transformer²: Self-adaptive LLMs",
-  https://arxiv.org/abs/2501.06252, §3.1: ``W' = U(Σ ⊗ diag(z))Vᵀ`` with a trainable
+  https://arxiv.org/abs/2501.06252: ``W' = U(Σ ⊗ diag(z))Vᵀ`` with a trainable
   vector ``z`` starting at 1 (``parametrization="scale"``).
 
 Both are SVFT's ``plain`` pattern written on the singular values themselves;

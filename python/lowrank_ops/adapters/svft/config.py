@@ -14,7 +14,7 @@ from .layer import PATTERNS, SVFTLinear
 @dataclass
 class SVFT(SpectralConfigMixin, AdapterConfig):
     """SVFT — Lingam et al. 2024, "SVFT: Parameter-Efficient Fine-Tuning with Singular Vectors",
-    https://arxiv.org/abs/2405.19597, Eq. 1: ``W' = U(Σ + M)Vᵀ``, i.e. ``ΔW = U·M·Vᵀ``
+    https://arxiv.org/abs/2405.19597, method section: ``W' = U(Σ + M)Vᵀ``, i.e. ``ΔW = U·M·Vᵀ``
     with frozen singular vectors ``U, V`` of ``W`` and sparse trainable ``M``.
 
     Attributes:

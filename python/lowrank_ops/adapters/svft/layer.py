@@ -1,7 +1,7 @@
 """SVFT layer: ``ΔW = U·M·Vᵀ`` on the frozen singular vectors of ``W`` with a sparse trainable ``M``.
 
 Lingam et al. 2024, "SVFT: Parameter-Efficient Fine-Tuning with Singular
-Vectors", https://arxiv.org/abs/2405.19597, §3 (Eq. 1: ``W = U(Σ + M)Vᵀ``,
+Vectors", https://arxiv.org/abs/2405.19597, method section (``W = U(Σ + M)Vᵀ``,
 i.e. ``ΔW = U M Vᵀ``).  Patterns of ``M``:
 
 * ``plain`` — diagonal (singular-value tuning); ``core`` is the ``(n,)`` vector itself.
