@@ -135,15 +135,16 @@ def test_init_is_the_papers(name, shape):
         torch.testing.assert_close(layer(x), F.linear(x, layer.base_layer.weight, lin.bias), rtol=0, atol=1e-13)
 
 
-@pytest.mark.parametrize("name", ["svf", "loldu", "sorsa", "salt"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_low_precision_weights(name, dtype):
     lin = _linear(24, 20, dtype=dtype)
     layer = _wrap(name, lin)
     for t in list(layer.parameters()) + [b for b in layer.buffers() if b.is_floating_point()]:
         assert t.dtype == dtype
     x = torch.randn(4, 24).to(dtype)
-    ref = F.linear(x.double(), lin.weight.double(), lin.bias.double())
+    w = layer.base_layer.weight if METHODS[name][2] == "truncated" else lin.weight
+    ref = F.linear(x.double(), w.double(), lin.bias.double())
     tol = 1e-4 if dtype == torch.float32 else 0.1
     torch.testing.assert_close(layer(x).double(), ref, rtol=0, atol=tol * ref.abs().max().item())
 
@@ -159,9 +160,50 @@ def test_forward_and_delta_match_the_defining_formula(name, shape):
     dW = _dense_delta(layer)
     assert dW.abs().max() > 1e-3  # the adapter really moved
     torch.testing.assert_close(layer.delta_weight(), dW, rtol=1e-12, atol=1e-12)
-    x = torch.randn(2, 3, shape[0], dtype=torch.float64)
+    x = torch.randn(2, shape[0], 3, dtype=torch.float64).transpose(1, 2)  # batched, non-contiguous
     ref = F.linear(x, layer.base_layer.weight + dW, layer.base_layer.bias)
     torch.testing.assert_close(layer(x), ref, rtol=1e-12, atol=1e-12)
+
+
+RANK_ONE = {
+    "svft-banded": lambda: adapters.SVFT(pattern="banded", off_diag=2),
+    "svft-topk": lambda: adapters.SVFT(pattern="top_k"),
+    "svf": lambda: adapters.SVF(),
+    "sorsa": lambda: adapters.SORSA(r=1),
+    "salt": lambda: adapters.SALT(r=1, lora_r=2),  # no residual block left: no LoRA part
+    "lamda": lambda: adapters.LaMDA(r=1),
+    "qrlora": lambda: adapters.QRLoRA(r=1),
+    "loldu": lambda: adapters.LoLDU(r=1),
+}
+
+
+@pytest.mark.parametrize("name", list(RANK_ONE))
+@pytest.mark.parametrize("shape", [(5, 1), (1, 4)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_rank_one_layers_and_empty_batches(name, shape):
+    lin = _linear(*shape, bias=False)
+    layer = RANK_ONE[name]().create_layer(copy.deepcopy(lin), {})
+    x = torch.randn(3, shape[0], dtype=torch.float64)
+    torch.testing.assert_close(layer(x), lin(x), rtol=0, atol=1e-12)
+    assert layer(x[:0]).shape == (0, shape[1])
+    _randomize(layer)
+    y = layer(x)
+    torch.testing.assert_close(y, F.linear(x, layer.base_layer.weight + _dense_delta(layer)), rtol=1e-12, atol=1e-12)
+    layer.merge()
+    torch.testing.assert_close(layer(x), y, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_gradcheck_trainables(name):
+    layer = _wrap(name, _linear(8, 6))
+    _randomize(layer)
+    names = [n for n, p in layer.named_parameters() if p.requires_grad]
+    vals = tuple(layer.get_parameter(n).detach().clone().requires_grad_() for n in names)
+    x = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
+
+    def f(x, *v):
+        return torch.func.functional_call(layer, dict(zip(names, v)), (x,))
+
+    assert torch.autograd.gradcheck(f, (x, *vals))
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -214,7 +256,7 @@ def test_svft_patterns():
     torch.testing.assert_close(plain.delta_weight(), U @ torch.diag(plain.svft_m.detach()) @ Vh)
     # plain SVFT spans the same updates as SVF: σ' − σ = m
     U0, S0, Vh0 = _svd(lin.weight)
-    torch.testing.assert_close((plain.svft_U * plain.svft_U.new_ones(n)).abs(), U0.abs(), rtol=0, atol=1e-10)
+    torch.testing.assert_close(plain.svft_U.abs(), U0.abs(), rtol=0, atol=1e-10)  # full-rank bases
 
     trunc = adapters.SVFT(r=4).create_layer(copy.deepcopy(lin), {})
     assert trunc.svft_U.shape == (9, 4) and trunc.svft_m.shape == (4,)
