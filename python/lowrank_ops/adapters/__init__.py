@@ -13,9 +13,14 @@ from .inject import adapter_layers, count_parameters, inject, merge_and_unload, 
 from .io import adapter_state_dict, load_pretrained, save_pretrained
 from .lora import DoRA, LoRA
 from .vera import VeRA
+from .lora import EVA, MiLoRA, OLoRA, PiSSA, eva_init
+from .lora_sb import LoRASB, lora_sb_init
+from .extract import extract_lora
+from .combine import combine
 
 __all__ = [
     "AdapterConfig", "LoRA", "DoRA", "VeRA",
     "inject", "adapter_layers", "trainable_parameters", "count_parameters", "merge_and_unload", "unload",
     "save_pretrained", "load_pretrained", "adapter_state_dict",
+    "PiSSA", "MiLoRA", "OLoRA", "EVA", "LoRASB", "eva_init", "lora_sb_init", "extract_lora", "combine",
 ]
