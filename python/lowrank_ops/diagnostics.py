@@ -1,10 +1,11 @@
 """Spectral diagnostics of fine-tuned weights.
 
 * :func:`intruder_dimensions` — Shuttleworth et al. 2024, "LoRA vs Full Fine-tuning: An
-  Illusion of Equivalence", https://arxiv.org/abs/2410.21228, §4 (Definition 1): a singular
+  Illusion of Equivalence", https://arxiv.org/abs/2410.21228 (definition of intruder dimensions): a singular
   vector ``y_j`` among the top ``k`` of the fine-tuned ``W_ft`` is an *intruder dimension* when
   ``max_i |cos(y_j, x_i)| < ε`` over **all** singular vectors ``x_i`` of the pre-trained
-  ``W_pre``.  The paper uses the left singular vectors (columns of ``U``); ``side`` selects.
+  ``W_pre``.  Default: left singular vectors (columns of ``U``; our reading of the paper);
+  ``side="right"`` tests the rows of ``Vh``.
 * :func:`spectral_drift` — how the top-``k`` singular structure moved: principal angles between
   the top-``k`` left and right singular subspaces, and the relative change of the top-``k``
   singular values.
@@ -44,13 +45,13 @@ class IntruderResult:
 
 @torch.no_grad()
 def intruder_dimensions(W_pre: Tensor, W_ft: Tensor, k: int = 10, eps: float = 0.5, side: str = "left") -> IntruderResult:
-    """Intruder dimensions of ``W_ft`` relative to ``W_pre`` (Shuttleworth et al. 2024, Def. 1).
+    """Intruder dimensions of ``W_ft`` relative to ``W_pre`` (Shuttleworth et al. 2024).
 
     Args:
         W_pre, W_ft: ``(m, n)`` pre-trained and fine-tuned weights.
         k: how many top singular vectors of ``W_ft`` to test.
         eps: similarity threshold ``ε`` (the paper sweeps it; 0.5 is a middle value).
-        side: ``"left"`` (columns of ``U``, the paper's choice) or ``"right"`` (rows of ``Vh``).
+        side: ``"left"`` (columns of ``U``) or ``"right"`` (rows of ``Vh``).
     """
     _check("intruder_dimensions", W_pre, W_ft, k)
     if side not in ("left", "right"):

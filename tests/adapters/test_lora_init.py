@@ -448,6 +448,19 @@ def test_lora_sb_only_core_trains_and_its_step_is_the_projected_full_step():
     torch.testing.assert_close(moved, -eta * L.scaling**2 * (B @ B.T) @ G @ (A.T @ A), rtol=1e-9, atol=1e-12)
 
 
+def test_lora_sb_bad_arguments():
+    lin, X, Y, batches = _lsq_problem()
+    model = adapters.inject(nn.Sequential(lin), adapters.LoRASB(r=2), target=["0"])
+    with pytest.raises(ValueError, match="update must be 'adam' or 'sgd'"):
+        adapters.lora_sb_init(model, batches, _loss, update="sign")
+    with pytest.raises(ValueError, match="no batch"):
+        adapters.lora_sb_init(model, [], _loss)
+    with pytest.raises(ValueError, match="no LoRA-SB layers"):
+        adapters.lora_sb_init(adapters.inject(nn.Sequential(nn.Linear(3, 3)), adapters.LoRA(r=1), target=["0"]), batches, _loss)
+    with pytest.raises(ValueError, match="r must be an int >= 1"):
+        adapters.LoRASB(r=0)
+
+
 def test_lora_sb_save_load_roundtrip(tmp_path):
     lin, X, Y, batches = _lsq_problem(seed=2)
     base = nn.Sequential(lin)
@@ -462,9 +475,14 @@ def test_lora_sb_save_load_roundtrip(tmp_path):
 # --------------------------------------------------------------------------- compile
 
 
-def test_pissa_model_compiles_fullgraph_and_matches_eager():
+@pytest.mark.parametrize("cfg", [adapters.PiSSA(r=4, alpha=8, n_iter=2), adapters.LoRASB(r=4)], ids=["pissa", "lora_sb"])
+def test_model_compiles_fullgraph_and_matches_eager(cfg):
     torch._dynamo.reset()
-    eager = adapters.inject(make(), adapters.PiSSA(r=4, alpha=8, n_iter=2), target=r".*(q_proj|v_proj|up_proj)$")
+    eager = adapters.inject(make(), cfg, target=r".*(q_proj|v_proj|up_proj)$")
+    if isinstance(cfg, adapters.LoRASB):  # a non-zero core, so the adapter term matters
+        with torch.no_grad():
+            for p in adapters.trainable_parameters(eager):
+                p.normal_()
     compiled_model = copy.deepcopy(eager)
     compiled = torch.compile(compiled_model, fullgraph=True, backend="aot_eager")
     ids = torch.randint(0, 50, (2, 9), generator=torch.Generator().manual_seed(0))

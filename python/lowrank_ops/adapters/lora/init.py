@@ -463,7 +463,7 @@ def eva_init(
                     continue
                 if prev[n] is not None and n in active:
                     k = min(prev[n].shape[0], sv.Vh.shape[0])
-                    cos = (prev[n][:k] * sv.Vh[:k]).sum(1).abs()
+                    cos = (prev[n][:k] * sv.Vh[:k]).sum(1).abs().cpu()
                     conv = torch.zeros(cap[n], dtype=torch.bool)
                     conv[:k] = cos >= cfg.tau
                     converged[n] = conv

@@ -12,6 +12,12 @@ Extremely Efficient Low-Rank Fine-Tuning", https://arxiv.org/abs/2411.19557:
   starts at the best rank-``r`` approximation of that update (Eckart–Young) and, with
   orthonormal ``B``, ``A``, every later step moves ``ΔW`` by the projection
   ``B·Bᵀ·(−η s² G)·Aᵀ·A`` of the full gradient step onto the fixed subspaces.
+
+Verified against the authors' repository (github.com/RaghavSinghal10/lora-sb): the gradient
+estimate (``utils/gradient_utils.py``: summed per-sample gradients, then ``−lr·sign``) and
+``alpha = r``; their ``lr`` there is the first warm-up step's, ``lr / (warmup_ratio · steps)``.
+The split of the SVD into ``B``, ``R``, ``A`` above is our reading of the paper's §4 (their
+``initialization_utils.py`` was not available to check).
 """
 from __future__ import annotations
 
