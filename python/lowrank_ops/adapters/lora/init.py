@@ -36,6 +36,13 @@ in the base dtype.  The factors at init are kept as non-persistent buffers
 ``lora_A_init`` / ``lora_B_init`` so ``save_pretrained(..., convert_to_lora=True)``
 can write the trained adapter as an exact rank-``2r`` plain LoRA on the *original*
 base (peft's ``path_initial_model_for_weight_conversion``).
+
+Files: a PiSSA/MiLoRA/OLoRA adapter file holds only the factors; loading it (ours or peft)
+re-runs the init on the ORIGINAL base weight to recreate the residual, then loads the
+factors.  Our fast path is seeded (``linalg.rsvd(seed=...)``) so our loader reproduces the
+residual; peft's ``pissa_niter_K`` re-draws its own random sketch, so for peft prefer the
+exact path or ``convert_to_lora=True``.  ``adapters.unload`` leaves the residual in the base
+(as peft); ``merge_and_unload`` gives the adapted weight.
 """
 from __future__ import annotations
 
