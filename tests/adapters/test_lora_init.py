@@ -496,3 +496,25 @@ def test_model_compiles_fullgraph_and_matches_eager(cfg):
     assert ge.keys() == gc.keys() and ge
     for n in ge:
         torch.testing.assert_close(gc[n], ge[n], rtol=1e-4, atol=1e-5, msg=n)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_models(dtype):
+    """bf16/fp16 weights: factorisations run in fp32; results match the fp32 run to the dtype's rounding."""
+    lin32, X, Y, batches = _lsq_problem(seed=3)
+    lin32 = lin32.float()
+    batches32 = [(x.float(), y.float()) for x, y in batches]
+    m32 = adapters.inject(nn.Sequential(copy.deepcopy(lin32)), adapters.LoRASB(r=2), target=["0"])
+    adapters.lora_sb_init(m32, batches32, _loss, lr=0.1, update="sgd", n_iter=None)
+    mlo = adapters.inject(nn.Sequential(copy.deepcopy(lin32).to(dtype)), adapters.LoRASB(r=2), target=["0"])
+    adapters.lora_sb_init(mlo, [(x.to(dtype), y.to(dtype)) for x, y in batches32], lambda m, b: _loss(m, b).float(),
+                          lr=0.1, update="sgd", n_iter=None)
+    d32, dlo = m32[0].delta_weight().detach(), mlo[0].delta_weight().detach().float()
+    assert dlo.dtype == torch.float32 and mlo[0].lora_core.weight.dtype == dtype
+    assert (dlo - d32).abs().max() <= 0.05 * d32.abs().max()
+    # EVA on a low-precision model: A has orthonormal rows up to the dtype's rounding
+    model = adapters.inject(_MLP().to(dtype), adapters.EVA(r=3, tau=0.99), target=["fc1", "fc3"])
+    adapters.eva_init(model, [b.to(dtype) for b in _eva_data()])
+    A = model.fc1.lora_A.weight.float()
+    assert A.dtype == torch.float32 and model.fc1.lora_A.weight.dtype == dtype
+    torch.testing.assert_close(A @ A.T, torch.eye(A.shape[0]), rtol=0, atol=2e-2)

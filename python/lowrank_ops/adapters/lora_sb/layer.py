@@ -48,9 +48,9 @@ class LoRASBLinear(AdapterLinear):
         self.lora_A = Factor(r, self.in_features, dtype=w.dtype, device=w.device)
         self.lora_B = Factor(self.out_features, r, dtype=w.dtype, device=w.device)
         self.lora_core = Factor(r, r, dtype=w.dtype, device=w.device)
-        with torch.no_grad():
-            nn.init.orthogonal_(self.lora_A.weight)
-            nn.init.orthogonal_(self.lora_B.weight)
+        with torch.no_grad():  # QR in fp32: CPU LAPACK has no bf16/fp16 geqrf
+            for f in (self.lora_A.weight, self.lora_B.weight):
+                f.copy_(nn.init.orthogonal_(torch.empty(f.shape, dtype=torch.float32, device=f.device)))
         self.lora_A.weight.requires_grad_(False)
         self.lora_B.weight.requires_grad_(False)
 
