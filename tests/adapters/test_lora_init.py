@@ -245,6 +245,25 @@ def test_peft_loads_our_pissa_file_and_its_conversion(tmp_path):
             torch.testing.assert_close(pm(ids), y, rtol=1e-4, atol=1e-4, msg=sub)
 
 
+@pytest.mark.peft
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_peft_file_loads_into_ours(tmp_path, init):
+    peft = _peft()
+    base = make()
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS,
+                                                                  init_lora_weights=init))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_" in n:
+                p.add_(0.05 * torch.randn_like(p))
+    pm.save_pretrained(tmp_path)
+    ours = adapters.load_pretrained(copy.deepcopy(base), tmp_path)  # re-runs the init on the original base
+    assert type(adapter_state(ours)["config"]) is (adapters.PiSSA if init == "pissa" else adapters.OLoRA)
+    ids = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), pm(ids), rtol=1e-4, atol=1e-4)
+
+
 # --------------------------------------------------------------------------- EVA
 
 
