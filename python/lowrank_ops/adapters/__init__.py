@@ -21,6 +21,10 @@ from .salt import SALT
 from .sorsa import SORSA, sorsa_regularizer
 from .svf import SVF
 from .svft import SVFT
+from .lora import EVA, MiLoRA, OLoRA, PiSSA, eva_init
+from .lora_sb import LoRASB, lora_sb_init
+from .extract import extract_lora
+from .combine import combine
 
 __all__ = [
     "AdapterConfig", "LoRA", "DoRA", "VeRA",
@@ -28,4 +32,5 @@ __all__ = [
     "save_pretrained", "load_pretrained", "adapter_state_dict",
     "SVFT", "SORSA", "SVF", "KaSA", "SALT", "LaMDA", "QRLoRA", "LoLDU",
     "sorsa_regularizer", "kasa_regularizer", "lamda_freeze_projection_b",
+    "PiSSA", "MiLoRA", "OLoRA", "EVA", "LoRASB", "eva_init", "lora_sb_init", "extract_lora", "combine",
 ]

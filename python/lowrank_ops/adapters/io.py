@@ -28,12 +28,13 @@ from .salt import SALT
 from .sorsa import SORSA
 from .svf import SVF
 from .svft import SVFT
+from .lora_sb import LoRASB
 from .vera import VeRA
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
 _PREFIX = "base_model.model."
-_CONFIGS = {"LORA": LoRA, "VERA": VeRA}
+_CONFIGS = {"LORA": LoRA, "VERA": VeRA, "LORA_SB": LoRASB}
 # methods peft lacks: our own keys in peft's layout (see adapters/spectral_common.py)
 _CONFIGS.update({c.peft_type: c for c in (SVFT, SORSA, SVF, KaSA, SALT, LaMDA, QRLoRA, LoLDU)})
 
@@ -67,8 +68,16 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_pretrained(model: nn.Module, save_directory: str | os.PathLike) -> None:
-    """Write ``adapter_model.safetensors`` + ``adapter_config.json`` as peft does."""
+def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, convert_to_lora: bool = False) -> None:
+    """Write ``adapter_model.safetensors`` + ``adapter_config.json`` as peft does.
+
+    Args:
+        convert_to_lora: for adapters whose init changed the base weight (PiSSA, MiLoRA,
+            OLoRA): write instead the plain rank-``2r`` LoRA that applies the *same* adapted
+            weight to the ORIGINAL base, ``ΔW = s·B·A − s·B₀·A₀ = s·[B, −B₀]·[A; A₀]`` (exact;
+            peft's ``save_pretrained(path_initial_model_for_weight_conversion=...)``), with
+            ``r`` doubled and ``alpha`` doubled (``√2``× with rsLoRA) so ``s`` is unchanged.
+    """
     state = adapter_state(model)
     config: AdapterConfig = state["config"]
     target = state["target"]
@@ -76,8 +85,36 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike) -> None
     path.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.to("cpu").contiguous() for k, v in adapter_state_dict(model).items()}
     peft_config = config.to_peft_dict(target if isinstance(target, str) else list(target))
+    if convert_to_lora:
+        tensors, peft_config = _converted_to_lora(model, config, tensors, peft_config)
     _atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     _atomic_write(path / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(peft_config, indent=2, sort_keys=True)))
+
+
+def _converted_to_lora(model, config, tensors, peft_config):
+    if not isinstance(config, LoRA) or config.layer_cls is not LoRA.layer_cls:
+        raise ValueError(f"save_pretrained: convert_to_lora needs a LoRA-family adapter (PiSSA, MiLoRA, OLoRA), got {type(config).__name__}")
+    out = {}
+    for name, layer in adapter_layers(model):
+        a0, b0 = getattr(layer, "lora_A_init", None), getattr(layer, "lora_B_init", None)
+        if a0 is None:
+            raise ValueError(f"save_pretrained: convert_to_lora: `{name}` has no recorded initial factors; "
+                             "only adapters whose init changed the base weight (PiSSA, MiLoRA, OLoRA) can be converted")
+        a, b = layer.lora_A.weight.detach(), layer.lora_B.weight.detach()
+        out[f"{_PREFIX}{name}.lora_A.weight"] = torch.cat([a, a0.to(a.dtype)], 0).to("cpu").contiguous()
+        out[f"{_PREFIX}{name}.lora_B.weight"] = torch.cat([b, -b0.to(b.dtype)], 1).to("cpu").contiguous()
+    if out.keys() != tensors.keys():
+        raise ValueError("save_pretrained: convert_to_lora: the adapter holds tensors other than lora_A/lora_B")
+    d = dict(peft_config)
+    d["init_lora_weights"] = True
+    d.pop("eva_config", None)
+    d["r"] = 2 * d["r"]
+    d["lora_alpha"] = d["lora_alpha"] * (2 ** 0.5 if d.get("use_rslora") else 2)
+    if d.get("use_rslora") and (d.get("rank_pattern") or d.get("alpha_pattern")):
+        raise ValueError("save_pretrained: convert_to_lora with use_rslora and rank/alpha patterns is not supported (as in peft)")
+    d["rank_pattern"] = {k: 2 * v for k, v in (d.get("rank_pattern") or {}).items()}
+    d["alpha_pattern"] = {k: 2 * v for k, v in (d.get("alpha_pattern") or {}).items()}
+    return out, d
 
 
 def read_config(directory: str | os.PathLike) -> tuple[AdapterConfig, object]:
