@@ -13,7 +13,9 @@
 4. ``τ_m = U⊥ Σ V⊥ᵀ`` and ``θ = θ₀ + scaling · τ_m``.
 
 Tensors that are not matrices (biases, norms) are averaged, as in the paper's
-code.  When the tasks' subspaces are already orthogonal and each task has rank
+code.  Numerically zero singular triplets (``σ ≤ ε·max(m, n)·σ₁``) are not kept:
+they add nothing to ``τᵢ``, but their arbitrary singular vectors would take part
+in the orthogonalisation of step 3 (the paper's code keeps them).  When the tasks' subspaces are already orthogonal and each task has rank
 ``≤ k``, step 3 changes nothing and TSV-M equals task arithmetic ``Σ τᵢ``.
 ``weights`` scale each task vector first.  Dense SVDs (``torch.linalg.svd``):
 step 1 needs exact per-task spectra, and ``lowrank_ops.linalg`` has no dense
@@ -51,9 +53,11 @@ def tsv_m_tensor(base, tensors, weights, *, name="", scaling=1.0, sv_reduction=N
     Us, Ss, Vhs = [], [], []
     for w, x in zip(weights, tensors):
         U, S, Vh = torch.linalg.svd(float(w) * (x.to(dt) - b), full_matrices=False)
-        Us.append(U[:, :k])
-        Ss.append(S[:k])
-        Vhs.append(Vh[:k])
+        # numerically zero triplets add nothing to τ but their arbitrary vectors would bend step 3
+        keep = min(k, int((S > S[:1].clamp_min(1e-300) * (torch.finfo(dt).eps * max(b.shape))).sum()))
+        Us.append(U[:, :keep])
+        Ss.append(S[:keep])
+        Vhs.append(Vh[:keep])
     U = _polar(torch.cat(Us, dim=1))
     Vh = _polar(torch.cat(Vhs, dim=0).mT).mT
     merged = (U * torch.cat(Ss)) @ Vh
