@@ -6,11 +6,11 @@ Each input is a peft-format folder (``adapter_model.safetensors`` +
 ``wᵢ``; write ``cᵢ = wᵢ·sᵢ``.  The output is a peft-format LoRA with
 ``lora_alpha = r`` (scaling 1: every scale is folded into the factors).
 
-``linear``  same rank r: ``A = Σ √|cᵢ|·Aᵢ``, ``B = Σ sign(cᵢ)√|cᵢ|·Bᵢ`` (peft's
+``linear``  same rank r: ``A = Σ sign(cᵢ)√|cᵢ|·Aᵢ``, ``B = Σ √|cᵢ|·Bᵢ`` (peft's
             ``linear``).  **Not** the sum of the products: ``B·A`` has the cross
             terms ``Bᵢ·Aⱼ``; it is what peft does, and is only sensible for
             adapters trained from a shared init.
-``cat``     ``A = [√|cᵢ|·Aᵢ]`` stacked by rows, ``B = [sign(cᵢ)√|cᵢ|·Bᵢ]`` by columns:
+``cat``     ``A = [sign(cᵢ)√|cᵢ|·Aᵢ]`` stacked by rows, ``B = [√|cᵢ|·Bᵢ]`` by columns:
             ``B·A = Σ cᵢ·Bᵢ·Aᵢ`` exactly, rank ``Σ rᵢ``.  No dense matrix is formed.
 ``svd``     the exact SVD of ``[B₁ … B_N]·diag(c)·[A₁; …; A_N]`` from the factors
             (``lowrank_ops.linalg.factored_svd``), truncated to ``rank`` (default
@@ -104,9 +104,9 @@ def read_lora(path: Union[str, os.PathLike]) -> LoraAdapter:
 
 
 def _split(c: float) -> tuple[float, float]:
-    """Coefficient ``c`` as ``(a, b)`` with ``a·b = c`` and ``|a| = |b|`` (balanced factors; negatives allowed)."""
+    """Coefficient ``c`` as ``(a, b)`` with ``a·b = c``, ``|a| = |b|``, the sign on ``a`` (peft's split for A and B)."""
     s = math.sqrt(abs(c))
-    return s, math.copysign(s, c) if c != 0 else 0.0
+    return (math.copysign(s, c) if c != 0 else 0.0), s
 
 
 def _ties_tile(deltas: Tensor, density: float) -> Tensor:
