@@ -57,3 +57,17 @@ def test_needs_two_models():
     with pytest.raises(ValueError, match="needs a base"):
         merge.model_stock.merge_tensor("w", None, [torch.ones(3), torch.ones(3)])
 
+
+
+@pytest.mark.parametrize("filter_wise", [False, True])
+def test_matches_mergekit(filter_wise):
+    mk = pytest.importorskip("mergekit.merge_methods.model_stock")
+    base_mod = pytest.importorskip("mergekit.merge_methods.base")
+    if not hasattr(base_mod, "TensorGroup"):
+        pytest.skip("this mergekit has no TensorGroup API")
+    base = torch.randn(6, 5)
+    ts = [base + torch.randn(6, 5) + 0.5 for _ in range(3)]
+    group = base_mod.TensorGroup.from_tensors([base] + ts, base_index=0)
+    ref = mk.model_stock_merge_method.implementation(group, filter_wise=filter_wise)
+    torch.testing.assert_close(merge.model_stock.merge_tensor("w", base, ts, filter_wise=filter_wise), ref,
+                               atol=1e-5, rtol=1e-5)

@@ -5,7 +5,8 @@ with ``N`` fine-tuned models and ``cos θ`` the (mean pairwise) cosine between
 their task vectors ``τᵢ = θᵢ − θ₀``, the interpolation ratio toward the average
 is ``t = N·cos θ / ((N − 1)·cos θ + 1)`` and the merge is
 ``θ = t·mean(θᵢ) + (1 − t)·θ₀``.  ``filter_wise`` computes ``cos θ`` and ``t``
-per row (last dimension) instead of per tensor.  Orthogonal task vectors
+per row (last dimension) instead of per tensor.  Where ``(N − 1)·cos θ + 1 = 0``
+there is no finite ratio and the base is kept (as mergekit does).  Orthogonal task vectors
 (``cos θ = 0``) give ``t = 0``: the base model.
 """
 from __future__ import annotations
@@ -29,26 +30,25 @@ def model_stock_tensor(base, tensors, weights, *, name="", filter_wise=False, ep
     shape = b.shape
     view = (lambda x: x.reshape(-1, shape[-1])) if rowwise else (lambda x: x.reshape(1, -1))
     bv = view(b)
-    # pairwise cosines, one delta pair at a time (no (N, *shape) stack)
-    cos_sum = torch.zeros(bv.shape[0], dtype=dt, device=b.device)
-    norms = []
+    rows, cols = bv.shape
+    # Gram matrix of the task vectors, per row: G[r] = D_r D_rᵀ, accumulated over column chunks so that
+    # no (N, *shape) stack or full-size delta is formed (peak memory ≈ inputs + the output)
+    G = torch.zeros(rows, n, n, dtype=dt, device=b.device)
+    step = max(1, (1 << 20) // max(1, rows * n))
+    for c0 in range(0, cols, step):
+        D = torch.stack([view(x)[:, c0:c0 + step].to(dt) for x in tensors], 1) - bv[:, None, c0:c0 + step]
+        G += D @ D.mT
+        del D
+    norms = G.diagonal(dim1=1, dim2=2).sqrt()
+    cos = G / (norms[:, :, None] * norms[:, None, :]).clamp_min(eps)
+    iu = torch.triu_indices(n, n, 1)
+    cos = cos[:, iu[0], iu[1]].clamp(-1, 1).mean(1)
+    den = (n - 1) * cos + 1
+    singular = den.abs() < 1e-6  # cos θ = −1/(N−1): no finite ratio; keep the base there
+    t = torch.where(singular, torch.zeros_like(cos), n * cos / torch.where(singular, torch.ones_like(den), den))
+    out = torch.zeros_like(bv)
     for x in tensors:
-        d = view(x.to(dt)) - bv
-        norms.append(d.norm(dim=1))
-    pairs = 0
-    for i in range(n):
-        di = view(tensors[i].to(dt)) - bv
-        for j in range(i + 1, n):
-            dj = view(tensors[j].to(dt)) - bv
-            cos_sum += (di * dj).sum(dim=1) / (norms[i] * norms[j]).clamp_min(eps)
-            pairs += 1
-            del dj
-        del di
-    cos = cos_sum / pairs
-    t = (n * cos) / ((n - 1) * cos + 1)
-    mean = torch.zeros_like(bv)
-    for x in tensors:
-        mean += view(x.to(dt))
-    mean /= n
-    out = t.unsqueeze(1) * mean + (1 - t).unsqueeze(1) * bv
+        out += view(x)
+    out /= n
+    out.sub_(bv).mul_(t[:, None]).add_(bv)  # t·mean + (1 − t)·θ₀, in place
     return out.reshape(shape).to(base.dtype)
