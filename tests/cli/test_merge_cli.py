@@ -132,7 +132,7 @@ def test_per_model_weights_and_lines_with_inferred_depth(tmp_path, models):
         "models": [{"model": str(paths[0]), "parameters": {"weight": [1.0, 0.0]}},
                    {"model": str(paths[1]), "parameters": {"weight": 0.5}}],
         "parameters": {"alpha": 0.0, "beta": 1.0}})
-    assert main(["merge", str(cfg), str(tmp_path / "out"), "--no-progress"]) == 0
+    assert main(["merge", str(cfg), str(tmp_path / "out")]) == 0  # with the progress bar
     got = read_checkpoint(tmp_path / "out")
     for i in range(NUM_LAYERS):
         k = f"model.layers.{i}.self_attn.q_proj.weight"
@@ -183,6 +183,10 @@ def test_bad_configs_write_nothing(tmp_path, models, capsys):
     _bad(tmp_path, capsys, {"merge_method": "slerp", "slices": []}, "`slices:`")
     _bad(tmp_path, capsys, {"merge_method": "atlas", "base_model": str(base), "models": two}, "needs the whole model")
     _bad(tmp_path, capsys, {"merge_method": "slerp", "models": two, "parameters": {"t": {"mlp": 1}}}, "parameters.t")
+    _bad(tmp_path, capsys, {"merge_method": "slerp", "models": two + [{"model": str(paths[2])}]}, "exactly two models")
+    _bad(tmp_path, capsys, {"merge_method": "pcb", "base_model": str(base), "models": two,
+                            "parameters": {"density": [{"filter": "mlp", "value": 0.0}, {"value": 0.5}]}},
+         "density must lie in (0, 1]")
     # a shard listed in the index is gone
     broken = write_model(tmp_path / "broken", base_sd, shards=2)
     (broken / "model-00002-of-00002.safetensors").unlink()
