@@ -71,3 +71,17 @@ def test_matches_mergekit(filter_wise):
     ref = mk.model_stock_merge_method.implementation(group, filter_wise=filter_wise)
     torch.testing.assert_close(merge.model_stock.merge_tensor("w", base, ts, filter_wise=filter_wise), ref,
                                atol=1e-5, rtol=1e-5)
+
+
+def test_owned_inputs_reuse_base_storage_only_inside_the_engine():
+    from lowrank_ops.merge._common import owned_inputs
+
+    base = torch.randn(4, 4)
+    ts = [base + torch.randn(4, 4) + 1.0 for _ in range(2)]
+    keep = base.clone()
+    ref = merge.model_stock.merge_tensor("w", base, ts)
+    assert torch.equal(base, keep)  # the state-dict API never writes into the caller's tensors
+    with owned_inputs():
+        out = merge.model_stock.merge_tensor("w", base, ts)
+    assert out.data_ptr() == base.data_ptr()
+    torch.testing.assert_close(out, ref)

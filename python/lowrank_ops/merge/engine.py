@@ -13,7 +13,9 @@
    ``safetensors.safe_open``; never a pickle), call the method's per-tensor
    function, and append the result to the open shard.  Only the current
    tensor's inputs are alive, so peak memory is about ``(N + 1)`` tensors plus
-   the method's working set.
+   the method's working set.  The inputs belong to the engine, which says so
+   with :func:`~lowrank_ops.merge._common.owned_inputs`: a method may then
+   write its result into the base tensor's storage (``model_stock`` does).
 4. Everything goes into a temp folder next to ``out_dir`` that is renamed to
    ``out_dir`` at the end; an error, Ctrl-C or SIGTERM removes it, so there is
    never a partial ``out_dir``.
@@ -42,6 +44,7 @@ from typing import Iterable, Optional, Union
 import torch
 from safetensors import safe_open
 
+from ._common import owned_inputs
 from .config import ConfigError, MergeConfig, infer_num_layers, parse_config
 
 WEIGHTS_NAME = "model.safetensors"
@@ -365,7 +368,8 @@ def _run(cfg, base, models, infos, calls, shards, tmp: Path, device, progress, c
                         merged = b if b is not None else ts[0]
                     else:
                         try:
-                            merged = method.merge_tensor(name, b, ts, weights, **params)
+                            with owned_inputs():  # b and ts are ours: a method may reuse b's storage
+                                merged = method.merge_tensor(name, b, ts, weights, **params)
                         except (ValueError, TypeError, RuntimeError) as e:
                             raise MergeError(f"merge method {method.name!r} failed on tensor {name!r}: {e}") from e
                     del b, ts

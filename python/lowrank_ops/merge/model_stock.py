@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import compute_dtype
+from ._common import compute_dtype, scratch_base
 from .registry import register
 
 
@@ -46,9 +46,11 @@ def model_stock_tensor(base, tensors, weights, *, name="", filter_wise=False, ep
     den = (n - 1) * cos + 1
     singular = den.abs() < 1e-6  # cos θ = −1/(N−1): no finite ratio; keep the base there
     t = torch.where(singular, torch.zeros_like(cos), n * cos / torch.where(singular, torch.ones_like(den), den))
-    out = torch.zeros_like(bv)
+    # θ₀ + t·(mean − θ₀) = (1 − t)·θ₀ + Σ (t/N)·θᵢ, accumulated in place (into base's storage when the
+    # streaming engine owns it: then no full-size buffer beyond the inputs is allocated)
+    out = view(scratch_base(base, dt))
+    out.mul_((1 - t)[:, None])
+    coef = (t / n)[:, None]
     for x in tensors:
-        out += view(x)
-    out /= n
-    out.sub_(bv).mul_(t[:, None]).add_(bv)  # t·mean + (1 − t)·θ₀, in place
+        out.addcmul_(view(x).to(dt), coef)
     return out.reshape(shape).to(base.dtype)
