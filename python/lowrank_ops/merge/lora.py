@@ -49,9 +49,8 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from .. import linalg
-
-WEIGHTS_NAME = "adapter_model.safetensors"
-CONFIG_NAME = "adapter_config.json"
+from ..adapters.io import CONFIG_NAME, WEIGHTS_NAME, read_config
+from ..adapters.lora import DoRA, LoRA
 LORA_METHODS = ("linear", "cat", "svd", "ties", "dare", "dare_ties")
 
 
@@ -72,17 +71,14 @@ def read_lora(path: Union[str, os.PathLike]) -> LoraAdapter:
     if not w_path.is_file():
         raise FileNotFoundError(f"merge_lora_adapters: no {WEIGHTS_NAME} in {path} (pickled adapter_model.bin is not read)")
     cfg = json.loads(cfg_path.read_text())
-    if cfg.get("peft_type") != "LORA":
-        raise ValueError(f"merge_lora_adapters: {cfg_path} has peft_type {cfg.get('peft_type')!r}; only LORA merges")
-    if cfg.get("use_dora"):
+    config, _target = read_config(path)  # peft dict -> adapters.LoRA / DoRA / VeRA (validates the peft fields)
+    if isinstance(config, DoRA):
         raise ValueError(f"merge_lora_adapters: {cfg_path} is a DoRA adapter; its magnitude vectors do not merge "
                          "in factor space")
-    for key in ("rank_pattern", "alpha_pattern"):
-        if cfg.get(key):
-            raise NotImplementedError(f"merge_lora_adapters: {cfg_path} uses per-module `{key}`")
-    r = int(cfg["r"])
-    alpha = float(cfg.get("lora_alpha", r))
-    scaling = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+    if not isinstance(config, LoRA):
+        raise ValueError(f"merge_lora_adapters: {cfg_path} has peft_type {cfg.get('peft_type')!r}; only LORA merges")
+    r = config.r
+    scaling = config.alpha / math.sqrt(r) if config.use_rslora else config.alpha / r
     modules: dict[str, list] = {}
     with safe_open(str(w_path), framework="pt") as f:
         for key in f.keys():
