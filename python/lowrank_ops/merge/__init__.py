@@ -9,3 +9,25 @@ Every method is registered by name in :data:`merge.METHODS` (the YAML ``merge_me
 from .registry import METHODS, MergeMethod, get_method, register
 
 __all__ = ["METHODS", "MergeMethod", "get_method", "register"]
+
+# methods of this part (issue 4, part 2), the streaming engine and LoRA-space merges
+from .slerp import slerp_tensor as _slerp_tensor  # noqa: E402,F401
+from . import model_stock as _model_stock_mod, pcb as _pcb_mod, lines as _lines_mod  # noqa: E402,F401
+from . import tsv_m as _tsv_m_mod, lore as _lore_mod, sequential_projection as _seqproj_mod  # noqa: E402,F401
+from .atlas import atlas, learn_coefficients  # noqa: E402
+from .lore import lore_estimate  # noqa: E402
+from .config import MergeConfig, ConfigError, parse_config  # noqa: E402
+from .engine import MergeError, merge_checkpoints  # noqa: E402
+from . import lora  # noqa: E402
+
+slerp = METHODS["slerp"]
+model_stock = METHODS["model_stock"]
+pcb = METHODS["pcb"]
+lines = METHODS["lines"]
+tsv_m = METHODS["tsv_m"]
+lore = METHODS["lore"]
+sequential_projection = METHODS["sequential_projection"]
+
+__all__ += ["slerp", "model_stock", "pcb", "lines", "tsv_m", "lore", "sequential_projection", "atlas",
+            "learn_coefficients", "lore_estimate", "MergeConfig", "ConfigError", "parse_config", "MergeError",
+            "merge_checkpoints", "lora"]
