@@ -37,7 +37,9 @@ def sparse_block(m, n, c, dim, density, dtype, layout=torch.sparse_coo, gen_seed
     shape = (m, c) if dim in (1, -1) else (c, n)
     mask = torch.rand(*shape, generator=g) < density
     C = (torch.randn(*shape, generator=g, dtype=torch.float64) * mask).to(dtype)
-    return C.to_sparse_csr() if layout == torch.sparse_csr else C.to_sparse()
+    if layout == torch.sparse_csr:
+        return C.to_sparse_csr()
+    return C.to_sparse_csc() if layout == torch.sparse_csc else C.to_sparse()
 
 
 # (batch, m, n, k, c, rank, dim); rank == k + c (<= rows, cols) is the exact case
@@ -77,7 +79,7 @@ SPARSE_CASES = [
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("layout", [torch.sparse_coo, torch.sparse_csr], ids=["coo", "csr"])
+@pytest.mark.parametrize("layout", [torch.sparse_coo, torch.sparse_csr, torch.sparse_csc], ids=["coo", "csr", "csc"])
 @pytest.mark.parametrize("m,n,k,c,rank,dim,density", SPARSE_CASES)
 def test_sparse_matches_dense_svd(m, n, k, c, rank, dim, density, layout, dtype):
     U, S, Vh = rand_svd((), m, n, k, dtype)

@@ -112,12 +112,16 @@ def sparse_rows(C: Tensor, dim: int) -> tuple[Tensor, Tensor, Tensor]:
         raise ValueError(f"svd_append: a sparse `C` must be 2-D (unbatched), got shape {tuple(C.shape)}")
     if dim not in (0, 1, -1, -2):
         raise ValueError(f"svd_append: `dim` must be 1 (append columns) or 0 (append rows), got {dim}")
-    rows = C.t() if dim in (1, -1) else C
-    if rows.layout == torch.sparse_csc:  # CSC of Cᵀ is CSR of C: transpose back and forth via COO
-        rows = rows.to_sparse_coo()
-    if rows.layout != torch.sparse_csr:
-        rows = rows.coalesce().to_sparse_csr() if rows.layout == torch.sparse_coo else rows.to_sparse_csr()
-    return rows.crow_indices(), rows.col_indices(), rows.values()
+    if C.layout == torch.sparse_csr and dim in (0, -2):
+        return C.crow_indices(), C.col_indices(), C.values()
+    coo = C if C.layout == torch.sparse_coo else C.to_sparse_coo()
+    if dim in (1, -1):
+        coo = coo.t()
+    coo = coo.coalesce()  # sorted by (row, col), duplicates summed
+    row, col = coo.indices()
+    crow = torch.zeros(coo.shape[0] + 1, dtype=torch.int64, device=C.device)
+    crow[1:] = torch.cumsum(torch.bincount(row, minlength=coo.shape[0]), 0)
+    return crow, col, coo.values()
 
 
 # --------------------------------------------------------------------------- fakes

@@ -1,4 +1,5 @@
 """Benchmark suites, one module per op family; importing registers their cases."""
 from . import lowrank  # noqa: F401
+from . import linalg_update  # noqa: F401
 
-SUITES = ["lowrank"]
+SUITES = ["lowrank", "linalg_update"]
