@@ -230,3 +230,19 @@ def test_bad_sparse_wrapper():
     C = torch.zeros(2, 12, 2, dtype=torch.float64).to_sparse()
     with pytest.raises(ValueError, match="a sparse `C` must be 2-D"):
         svd_append(U, S, Vh, C, 3, 1)
+
+
+def test_sparse_multithreaded():
+    """The CSR kernels split rows (projection, Gram) and output columns (scatter) across
+    threads; the ops-test fixture runs on one thread, so raise it here."""
+    U, S, Vh = rand_svd((), 300, 70, 8, torch.float64)
+    C = sparse_block(300, 70, 12, 1, 0.1, torch.float64)
+    one = svd_append(U, S, Vh, C, 20, 1)
+    n = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        many = svd_append(U, S, Vh, C, 20, 1)
+    finally:
+        torch.set_num_threads(n)
+    check_svd(many, appended64(U, S, Vh, C, 1), 20, torch.float64)
+    assert (dense(*many) - dense(*one)).abs().max() <= 1e-12 * S[0]
