@@ -136,3 +136,25 @@ def test_bad_inputs(make, msg):
     w = randn(4, dtype=torch.float64, device="cpu")
     with pytest.raises(RuntimeError, match="factored_svd: .*" + __import__("re").escape(msg)):
         OP(*make(B, A, w))
+
+
+def test_checker_rejects_wrong_results():
+    """``check_svd`` (used by all three op tests) fails on each kind of wrong SVD."""
+    from svd_checks import check_svd as check
+
+    B = randn(20, 4, dtype=torch.float64, device="cpu")
+    A = randn(4, 15, dtype=torch.float64, device="cpu")
+    M = product64(B, A)
+    U, S, Vh = factored_svd(B, A)
+    check((U, S, Vh), M, 4, torch.float64)
+    wrong = {
+        "S scaled": (U, S * (1 + 1e-8), Vh),
+        "S unsorted": (U, S.flip(0), Vh.flip(0)),
+        "U column sign": (torch.cat([U[:, :1], -U[:, 1:2], U[:, 2:]], 1), S, Vh),
+        "U not orthonormal": (U * 1.001, S / 1.001, Vh),
+        "wrong truncation": (U[:, 1:], S[1:], Vh[1:]),
+        "wrong dtype": (U.float(), S.float(), Vh.float()),
+    }
+    for name, got in wrong.items():
+        with pytest.raises(AssertionError):
+            check(got, M, got[1].shape[-1] if name == "wrong truncation" else 4, torch.float64)
