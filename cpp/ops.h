@@ -53,4 +53,27 @@ Grads3 dora_norm_backward_cuda(const at::Tensor& grad, const at::Tensor& norm, c
                                std::array<bool, 3> output_mask);
 #endif
 
+// ---- linalg_update family (factored_svd, svd_update, svd_append) -----------
+using SVDResult = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+SVDResult factored_svd_cpu(const at::Tensor& B, const at::Tensor& A, const OptTensor& weights,
+                           std::optional<int64_t> rank);
+SVDResult svd_update_cpu(const at::Tensor& U, const at::Tensor& S, const at::Tensor& Vh, const at::Tensor& P,
+                         const at::Tensor& Q, int64_t rank);
+SVDResult svd_append_cpu(const at::Tensor& U, const at::Tensor& S, const at::Tensor& Vh, const at::Tensor& C,
+                         int64_t rank, int64_t dim);
+SVDResult svd_append_sparse_cpu(const at::Tensor& U, const at::Tensor& S, const at::Tensor& Vh,
+                                const at::Tensor& crow, const at::Tensor& col, const at::Tensor& val, int64_t rank,
+                                int64_t dim);
+#ifdef LOWRANK_OPS_WITH_CUDA
+SVDResult factored_svd_cuda(const at::Tensor& B, const at::Tensor& A, const OptTensor& weights,
+                            std::optional<int64_t> rank);
+SVDResult svd_update_cuda(const at::Tensor& U, const at::Tensor& S, const at::Tensor& Vh, const at::Tensor& P,
+                          const at::Tensor& Q, int64_t rank);
+SVDResult svd_append_cuda(const at::Tensor& U, const at::Tensor& S, const at::Tensor& Vh, const at::Tensor& C,
+                          int64_t rank, int64_t dim);
+SVDResult svd_append_sparse_cuda(const at::Tensor& U, const at::Tensor& S, const at::Tensor& Vh,
+                                 const at::Tensor& crow, const at::Tensor& col, const at::Tensor& val, int64_t rank,
+                                 int64_t dim);
+#endif
+
 }  // namespace lowrank_ops

@@ -35,6 +35,25 @@ TORCH_LIBRARY_FRAGMENT(lowrank_ops, m) {
         "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
 }
 
+TORCH_LIBRARY_FRAGMENT(lowrank_ops, m) {
+  m.set_python_module("lowrank_ops.ops.linalg_update");
+  // Exact thin SVD of B·diag(weights)·A, B (..., m, R), A (..., R, n), weights (R,) | (..., R):
+  // QR of B and Aᵀ, SVD of the R×R middle factor; never forms the m×n product.
+  // rank defaults to min(m, n, R).  Returns U (..., m, rank), S (..., rank), Vh (..., rank, n).
+  m.def("factored_svd(Tensor B, Tensor A, Tensor? weights=None, int? rank=None) -> (Tensor, Tensor, Tensor)");
+  // Truncated SVD of U·diag(S)·Vh + P·Qᵀ (Brand 2006), U (..., m, k), S (..., k), Vh (..., k, n),
+  // P (..., m, c), Q (..., n, c); O((m+n)(k+c)²).
+  m.def("svd_update(Tensor U, Tensor S, Tensor Vh, Tensor P, Tensor Q, int rank) -> (Tensor, Tensor, Tensor)");
+  // Truncated SVD of [U·diag(S)·Vh, C] (dim=1, C (..., m, c)) or [U·diag(S)·Vh; C] (dim=0, C (..., c, n))
+  // (Zha & Simon 1999).
+  m.def("svd_append(Tensor U, Tensor S, Tensor Vh, Tensor C, int rank, int dim=1) -> (Tensor, Tensor, Tensor)");
+  // svd_append with a sparse update given as the CSR (crow, col, val) of the (c, L) matrix whose rows are
+  // the appended vectors (dim=1: columns of C, L = m; dim=0: rows of C, L = n); unbatched.  The complement
+  // C − U·UᵀC is kept implicit (Deng et al. 2024, "Fast Updating Truncated SVD ... Sparse Matrices").
+  m.def("svd_append_sparse(Tensor U, Tensor S, Tensor Vh, Tensor crow, Tensor col, Tensor val, int rank, "
+        "int dim=1) -> (Tensor, Tensor, Tensor)");
+}
+
 namespace {
 std::string build_info() {
 #ifdef LOWRANK_OPS_WITH_CUDA

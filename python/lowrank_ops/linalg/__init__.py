@@ -21,6 +21,7 @@ from typing import Optional
 
 from torch import Tensor
 
+from ..ops import linalg_update as _upd
 from ..reference import linalg as _ref
 
 
@@ -35,18 +36,21 @@ def pivoted_qr(A: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def factored_svd(B: Tensor, A: Tensor, weights: Optional[Tensor] = None, rank: Optional[int] = None):
-    """Exact thin SVD of ``B (m, R) · diag(weights (R,)) · A (R, n)`` -> ``(U, S, Vh)``, rank ``rank`` (default ``R``)."""
-    return _ref.factored_svd_ref(B, A, weights, rank)
+    """Exact thin SVD of ``B (..., m, R) · diag(weights (R,)) · A (..., R, n)`` -> ``(U, S, Vh)``, rank ``rank``
+    (default ``min(m, n, R)``); never forms the product.  See :func:`lowrank_ops.ops.linalg_update.factored_svd`."""
+    return _upd.factored_svd(B, A, weights, rank)
 
 
 def svd_update(U: Tensor, S: Tensor, Vh: Tensor, P: Tensor, Q: Tensor, rank: int):
-    """Truncated SVD of ``U·diag(S)·Vh + P·Qᵀ`` (Brand 2006); ``P (m, c)``, ``Q (n, c)``."""
-    return _ref.svd_update_ref(U, S, Vh, P, Q, rank)
+    """Truncated SVD of ``U·diag(S)·Vh + P·Qᵀ`` (Brand 2006); ``P (m, c)``, ``Q (n, c)``.
+    See :func:`lowrank_ops.ops.linalg_update.svd_update`."""
+    return _upd.svd_update(U, S, Vh, P, Q, rank)
 
 
 def svd_append(U: Tensor, S: Tensor, Vh: Tensor, C: Tensor, rank: int, dim: int = 1):
-    """Truncated SVD after appending columns (``dim=1``, ``C (m, c)``) or rows (``dim=0``, ``C (c, n)``)."""
-    return _ref.svd_append_ref(U, S, Vh, C, rank, dim)
+    """Truncated SVD after appending columns (``dim=1``, ``C (m, c)``) or rows (``dim=0``, ``C (c, n)``);
+    ``C`` may be sparse.  See :func:`lowrank_ops.ops.linalg_update.svd_append`."""
+    return _upd.svd_append(U, S, Vh, C, rank, dim)
 
 
 __all__ = ["rsvd", "pivoted_qr", "factored_svd", "svd_update", "svd_append"]
