@@ -1,4 +1,6 @@
 """Typed wrappers over ``torch.ops.lowrank_ops``; importing registers fakes and autograd."""
 from .lowrank import dora_linear, dora_norm, lowrank_linear
+from .merge import dare_merge, magnitude_threshold, nm_mask, sign_consensus, ties_merge
 
 __all__ = ["lowrank_linear", "dora_norm", "dora_linear"]
+__all__ += ["magnitude_threshold", "ties_merge", "dare_merge", "nm_mask", "sign_consensus"]
