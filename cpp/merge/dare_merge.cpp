@@ -32,13 +32,22 @@ at::Tensor dare_merge_cpu(const at::Tensor& deltas, const at::Tensor& weights, d
     const acc_t dens = static_cast<acc_t>(density);
     const uint32_t* bk = bkeys.data();
     const auto w = merge_detail::weights_vector<acc_t>(weights);
-    auto value = [=](int64_t i, int64_t p) -> acc_t {
-      const uint32_t h = merge_math::dare_hash(bk[i * nblocks + (p >> 32)], static_cast<uint32_t>(p));
-      const acc_t v = static_cast<acc_t>(dp[i * P + p]);
-      return (h >> 8) < T ? v / dens : acc_t(0);
-    };
-    merge_detail::combine_cpu<scalar_t, acc_t>(N, P, w, cons == "ties", method == "count", normalize,
-                                               out.data_ptr<scalar_t>(), value);
+    scalar_t* op_ = out.data_ptr<scalar_t>();
+    const bool ties = cons == "ties", count = method == "count";
+    if (nblocks == 1) {
+      // P <= 2^32: one key per model, the element index fits the 32-bit hash lane.
+      auto value = [=](int64_t i, int64_t p) -> acc_t {
+        const uint32_t h = merge_math::dare_hash(bk[i], static_cast<uint32_t>(p));
+        return merge_detail::keep_or_zero<acc_t>((h >> 8) < T, static_cast<acc_t>(dp[i * P + p]) / dens);
+      };
+      merge_detail::combine_cpu<scalar_t, acc_t>(N, P, w, ties, count, normalize, op_, value);
+    } else {
+      auto value = [=](int64_t i, int64_t p) -> acc_t {
+        const uint32_t h = merge_math::dare_hash(bk[i * nblocks + (p >> 32)], static_cast<uint32_t>(p));
+        return merge_detail::keep_or_zero<acc_t>((h >> 8) < T, static_cast<acc_t>(dp[i * P + p]) / dens);
+      };
+      merge_detail::combine_cpu<scalar_t, acc_t>(N, P, w, ties, count, normalize, op_, value);
+    }
   });
   return out;
 }

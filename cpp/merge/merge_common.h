@@ -10,6 +10,7 @@
 #include <ATen/ops/empty.h>
 
 #include <algorithm>
+#include <cstring>
 #include <cmath>
 #include <functional>
 #include <limits>
@@ -104,10 +105,11 @@ typename merge_math::MagKey<acc_t>::U kth_largest_key(const scalar_t* x, int64_t
       int64_t a = 0;
       auto& buf = bufs[c];
       buf.reserve(static_cast<size_t>((e - b) * (lo_i - hi_i + 16) / kSample + 64));
+      const U span = hi - lo;
       for (int64_t i = b; i < e; ++i) {
         const U u = key(i);
-        a += u > hi;
-        if (u >= lo && u <= hi) buf.push_back(u);
+        a += static_cast<int64_t>(u > hi);                  // branch-free: ~q of the keys
+        if (static_cast<U>(u - lo) <= span) buf.push_back(u);  // rare (a few %): predictable
       }
       above[c] = a;
     }
@@ -143,48 +145,105 @@ typename merge_math::MagKey<acc_t>::U keep_key(const scalar_t* x, int64_t n, int
 //     num = Σ_{sign(s_i) == e} s_i;  den = Σ_{sign(s_i) == e} w_i;
 //     out = num / den if normalize and den != 0 else num.
 //   NaN policy: out = NaN wherever Σ_i s_i is NaN (a kept NaN delta, or kept +inf/-inf that cancel).
+// Branch-free select: v if keep else +0.0 (exact; never inf·0 = NaN).  The inner
+// loops below are written without data-dependent branches -- random signs and
+// random keep decisions would otherwise mispredict several times per element.
+template <typename acc_t>
+inline acc_t keep_or_zero(bool keep, acc_t v) {
+  using U = typename merge_math::MagKey<acc_t>::U;
+  U b;
+  std::memcpy(&b, &v, sizeof(b));
+  b &= U(0) - static_cast<U>(keep);
+  std::memcpy(&v, &b, sizeof(b));
+  return v;
+}
+
+template <typename scalar_t, typename acc_t, typename ValueFn>
+struct CombineArgs {
+  int64_t N, P;
+  const acc_t* w;
+  bool consensus, count_method, normalize;
+  acc_t lin_div;
+  scalar_t* out;
+  const ValueFn* value;
+};
+
+constexpr int64_t kCombineBlock = 1024;
+
+template <typename scalar_t, typename acc_t, typename ValueFn>
+__attribute__((always_inline)) inline void combine_chunks(const CombineArgs<scalar_t, acc_t, ValueFn>& a, int64_t cb,
+                                                          int64_t ce) {
+  constexpr int64_t B = kCombineBlock;
+  const ValueFn& value = *a.value;
+  alignas(64) acc_t S[B], C[B], num[B], den[B];
+  for (int64_t c = cb; c < ce; ++c) {
+    const int64_t p0 = c * B, len = std::min(B, a.P - p0);
+    for (int64_t j = 0; j < len; ++j) S[j] = C[j] = num[j] = den[j] = acc_t(0);
+    for (int64_t i = 0; i < a.N; ++i) {
+      const acc_t wi = a.w[i];
+      for (int64_t j = 0; j < len; ++j) {
+        const acc_t s = wi * value(i, p0 + j);
+        S[j] += s;
+        C[j] += static_cast<acc_t>(s > acc_t(0)) - static_cast<acc_t>(s < acc_t(0));
+      }
+    }
+    if (!a.consensus) {
+      for (int64_t j = 0; j < len; ++j) a.out[p0 + j] = static_cast<scalar_t>(S[j] / a.lin_div);
+      continue;
+    }
+    // Elected sign e = ±1 kept in C; s agrees iff s·e > 0 (false for 0 and NaN).
+    const acc_t* E = a.count_method ? C : S;
+    for (int64_t j = 0; j < len; ++j) C[j] = E[j] >= acc_t(0) ? acc_t(1) : acc_t(-1);
+    for (int64_t i = 0; i < a.N; ++i) {
+      const acc_t wi = a.w[i];
+      for (int64_t j = 0; j < len; ++j) {
+        const acc_t s = wi * value(i, p0 + j);
+        const bool agree = s * C[j] > acc_t(0);
+        num[j] += keep_or_zero<acc_t>(agree, s);
+        den[j] += keep_or_zero<acc_t>(agree, wi);
+      }
+    }
+    for (int64_t j = 0; j < len; ++j) {
+      const acc_t q = (a.normalize && den[j] != acc_t(0)) ? num[j] / den[j] : num[j];
+      a.out[p0 + j] = static_cast<scalar_t>(std::isnan(S[j]) ? S[j] : q);
+    }
+  }
+}
+
+// The same chunk loop compiled twice: for the baseline ISA the library targets
+// (SSE2 on x86-64) and for AVX2 (8-wide, 32-bit integer multiplies for DARE's
+// hash), picked at run time.  No FMA: results do not depend on the CPU.
+template <typename scalar_t, typename acc_t, typename ValueFn>
+void combine_chunks_base(const CombineArgs<scalar_t, acc_t, ValueFn>& a, int64_t cb, int64_t ce) {
+  combine_chunks(a, cb, ce);
+}
+#if defined(__GNUC__) && defined(__x86_64__)
+#define LRO_MERGE_AVX2 1
+template <typename scalar_t, typename acc_t, typename ValueFn>
+__attribute__((target("avx2"))) void combine_chunks_avx2(const CombineArgs<scalar_t, acc_t, ValueFn>& a, int64_t cb,
+                                                         int64_t ce) {
+  combine_chunks(a, cb, ce);
+}
+inline bool cpu_has_avx2() {
+  static const bool has = __builtin_cpu_supports("avx2");
+  return has;
+}
+#endif
+
 template <typename scalar_t, typename acc_t, typename ValueFn>
 void combine_cpu(int64_t N, int64_t P, const std::vector<acc_t>& w, bool consensus, bool count_method,
                  bool normalize, scalar_t* out, const ValueFn& value) {
-  constexpr int64_t B = 512;
   acc_t wsum = 0;
   for (auto v : w) wsum += v;
   const acc_t lin_div = (normalize && std::abs(wsum) >= acc_t(1e-8)) ? wsum : acc_t(1);
-  at::parallel_for(0, (P + B - 1) / B, 16, [&](int64_t cb, int64_t ce) {
-    acc_t S[B], C[B], num[B], den[B];
-    for (int64_t c = cb; c < ce; ++c) {
-      const int64_t p0 = c * B, len = std::min(B, P - p0);
-      for (int64_t j = 0; j < len; ++j) S[j] = C[j] = num[j] = den[j] = acc_t(0);
-      for (int64_t i = 0; i < N; ++i) {
-        const acc_t wi = w[i];
-        for (int64_t j = 0; j < len; ++j) {
-          const acc_t s = wi * value(i, p0 + j);
-          S[j] += s;
-          C[j] += (s > acc_t(0)) ? acc_t(1) : ((s < acc_t(0)) ? acc_t(-1) : acc_t(0));
-        }
-      }
-      if (!consensus) {
-        for (int64_t j = 0; j < len; ++j) out[p0 + j] = static_cast<scalar_t>(S[j] / lin_div);
-        continue;
-      }
-      const acc_t* E = count_method ? C : S;
-      for (int64_t i = 0; i < N; ++i) {
-        const acc_t wi = w[i];
-        for (int64_t j = 0; j < len; ++j) {
-          const acc_t s = wi * value(i, p0 + j);
-          const acc_t e = E[j] >= acc_t(0) ? acc_t(1) : acc_t(-1);
-          const bool agree = (e > 0) ? (s > acc_t(0)) : (s < acc_t(0));
-          num[j] += agree ? s : acc_t(0);
-          den[j] += agree ? wi : acc_t(0);
-        }
-      }
-      for (int64_t j = 0; j < len; ++j) {
-        acc_t r = (normalize && den[j] != acc_t(0)) ? num[j] / den[j] : num[j];
-        if (std::isnan(S[j])) r = std::numeric_limits<acc_t>::quiet_NaN();
-        out[p0 + j] = static_cast<scalar_t>(r);
-      }
-    }
-  });
+  const CombineArgs<scalar_t, acc_t, ValueFn> args{N, P, w.data(), consensus, count_method, normalize, lin_div, out,
+                                                   &value};
+  auto fn = &combine_chunks_base<scalar_t, acc_t, ValueFn>;
+#ifdef LRO_MERGE_AVX2
+  if (cpu_has_avx2()) fn = &combine_chunks_avx2<scalar_t, acc_t, ValueFn>;
+#endif
+  at::parallel_for(0, (P + kCombineBlock - 1) / kCombineBlock, 8,
+                   [&](int64_t cb, int64_t ce) { fn(args, cb, ce); });
 }
 
 template <typename acc_t>

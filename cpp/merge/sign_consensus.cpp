@@ -47,8 +47,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sign_consensus_cpu(const at::Tens
             const acc_t v = static_cast<acc_t>(dp[i * P + p0 + j]);
             const bool on = std::abs(v) > e;
             const acc_t s = w[i] * v;
-            S[j] += on ? (count_method ? acc_t((s > 0) - (s < 0)) : s) : acc_t(0);
-            C[j] += on;
+            const acc_t t = count_method ? static_cast<acc_t>(s > acc_t(0)) - static_cast<acc_t>(s < acc_t(0)) : s;
+            S[j] += merge_detail::keep_or_zero<acc_t>(on, t);
+            C[j] += static_cast<int32_t>(on);
           }
         }
         for (int64_t j = 0; j < len; ++j) {
@@ -61,8 +62,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sign_consensus_cpu(const at::Tens
             const acc_t v = static_cast<acc_t>(dp[i * P + p0 + j]);
             const acc_t s = w[i] * v;
             const bool on = std::abs(v) > e;
-            const bool agree = S[j] >= acc_t(0) ? (s > acc_t(0)) : (s < acc_t(0));
-            up[p0 + j] += (on && agree);
+            const acc_t e_j = S[j] >= acc_t(0) ? acc_t(1) : acc_t(-1);
+            up[p0 + j] += static_cast<int32_t>(on & (s * e_j > acc_t(0)));
           }
         }
       }

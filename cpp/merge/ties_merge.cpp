@@ -30,7 +30,7 @@ at::Tensor ties_merge_cpu(const at::Tensor& deltas, const at::Tensor& weights, d
     const U* tp = thr.data();
     auto value = [dp, P, tp](int64_t i, int64_t p) -> acc_t {
       const acc_t v = static_cast<acc_t>(dp[i * P + p]);
-      return K::of(v) >= tp[i] ? v : acc_t(0);
+      return merge_detail::keep_or_zero<acc_t>(K::of(v) >= tp[i], v);
     };
     merge_detail::combine_cpu<scalar_t, acc_t>(N, P, w, /*consensus=*/true, method == "count", normalize,
                                                out.data_ptr<scalar_t>(), value);

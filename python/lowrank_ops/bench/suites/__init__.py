@@ -1,4 +1,6 @@
 """Benchmark suites, one module per op family; importing registers their cases."""
 from . import lowrank  # noqa: F401
+from . import merge  # noqa: F401
 
 SUITES = ["lowrank"]
+SUITES += ["merge"]
