@@ -152,3 +152,9 @@ def test_bf16_states():
     tau = torch.stack([sd["w"].float().reshape(-1) - base["w"].float().reshape(-1) for sd in sds])
     expect = (base["w"].float() + ties_merge_ref(tau, torch.ones(3), 0.5).reshape(8, 16)).bfloat16()
     torch.testing.assert_close(out["w"], expect, rtol=0, atol=0)
+
+
+def test_unknown_parameter_is_an_error():
+    base, sds = _states()
+    with pytest.raises(TypeError, match=r"merge method 'ties': unknown parameter\(s\) \['densty'\]"):
+        merge.ties(base, sds, densty=0.3)

@@ -17,7 +17,7 @@ density-based masks with ``density = n/m``.
 from __future__ import annotations
 
 from .registry import register
-from .sparsify import apply_delta, disjoint_masks, flat_deltas, weights_tensor
+from .sparsify import apply_delta, disjoint_masks, flat_deltas, global_scale, weights_tensor
 
 
 @register("cabs", paper="CABS: Conflict-Aware and Balanced Sparsification for Enhancing Model Merging (Yang et al., 2025)",
@@ -32,4 +32,4 @@ def cabs_tensor(base, tensors, weights, *, name="", n=1, m=4, density=None, orde
     masks = disjoint_masks(d, density=float(density), n=n, m=m, order=order, shape=tuple(tensors[0].shape))
     w = weights_tensor(weights, d)
     merged = (w[:, None] * (d * masks)).sum(0)
-    return apply_delta(base, merged, tensors[0], float(kw.get("lambda", 1.0)))
+    return apply_delta(base, merged, tensors[0], global_scale("cabs", kw))

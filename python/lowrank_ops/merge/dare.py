@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from ..ops import merge as ops
 from .registry import register
-from .sparsify import apply_delta, flat_deltas, tensor_seed, weights_tensor
+from .sparsify import apply_delta, flat_deltas, global_scale, tensor_seed, weights_tensor
 
 _PAPER = "Language Models are Super Mario: Absorbing Abilities from Homologous Models as a Free Lunch (Yu et al., ICML 2024)"
 _URL = "https://arxiv.org/abs/2311.03099"
@@ -28,7 +28,7 @@ def _dare(base, tensors, weights, name, density, seed, consensus, sign_method, n
 @register("dare_linear", paper=_PAPER, url=_URL,
           params={"density": 0.5, "seed": 0, "normalize": False, "lambda": 1.0})
 def dare_linear_tensor(base, tensors, weights, *, name="", density=0.5, seed=0, normalize=False, **kw):
-    return _dare(base, tensors, weights, name, density, seed, "none", "sum", normalize, float(kw.get("lambda", 1.0)))
+    return _dare(base, tensors, weights, name, density, seed, "none", "sum", normalize, global_scale("dare_linear", kw))
 
 
 @register("dare_ties", paper=_PAPER, url=_URL,
@@ -36,4 +36,4 @@ def dare_linear_tensor(base, tensors, weights, *, name="", density=0.5, seed=0, 
 def dare_ties_tensor(base, tensors, weights, *, name="", density=0.5, seed=0, sign_method="sum", normalize=False,
                      **kw):
     return _dare(base, tensors, weights, name, density, seed, "ties", sign_method, normalize,
-                 float(kw.get("lambda", 1.0)))
+                 global_scale("dare_ties", kw))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from ..ops import merge as ops
 from .registry import register
-from .sparsify import apply_delta, flat_deltas, magnitude_rows, weights_tensor
+from .sparsify import apply_delta, flat_deltas, global_scale, magnitude_rows, weights_tensor
 
 
 @register("magnitude_prune", paper="TIES-Merging (Yadav et al., NeurIPS 2023), trim step + task arithmetic",
@@ -16,4 +16,4 @@ from .sparsify import apply_delta, flat_deltas, magnitude_rows, weights_tensor
 def magnitude_prune_tensor(base, tensors, weights, *, name="", density=0.2, normalize=False, **kw):
     d = magnitude_rows(flat_deltas(base, tensors), float(density))
     merged = ops.dare_merge(d, weights_tensor(weights, d), 1.0, 0, "none", "sum", bool(normalize))
-    return apply_delta(base, merged, tensors[0], float(kw.get("lambda", 1.0)))
+    return apply_delta(base, merged, tensors[0], global_scale("magnitude_prune", kw))

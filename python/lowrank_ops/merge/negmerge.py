@@ -12,7 +12,7 @@ import torch
 
 from .consensus import unanimous
 from .registry import register
-from .sparsify import apply_delta, flat_deltas, weights_tensor
+from .sparsify import apply_delta, flat_deltas, global_scale, weights_tensor
 
 
 @register("negmerge", paper="NegMerge: Sign-Consensual Weight Merging for Machine Unlearning (Kim et al., ICML 2025)",
@@ -24,4 +24,4 @@ def negmerge_tensor(base, tensors, weights, *, name="", **kw):
     ws = w.sum()
     mean = (w[:, None] * d).sum(0) / (ws if float(ws) != 0 else 1.0)
     tau = torch.where(keep, mean, torch.zeros((), dtype=d.dtype, device=d.device))
-    return apply_delta(base, tau, tensors[0], -float(kw.get("lambda", 1.0)))
+    return apply_delta(base, tau, tensors[0], -global_scale("negmerge", kw))

@@ -15,7 +15,7 @@ import torch
 
 from .consensus import support_count
 from .registry import register
-from .sparsify import apply_delta, flat_deltas, weights_tensor
+from .sparsify import apply_delta, flat_deltas, global_scale, weights_tensor
 
 
 @register("ram", paper="Behavior Knowledge Merge in Reinforced Agentic Models (RAM, 2026)",
@@ -35,4 +35,4 @@ def ram_tensor(base, tensors, weights, *, name="", epsilon=1e-5, r=0.0, alpha=0.
         rho = n_shared / n_unique.clamp(min=float(epsilon))
         scale = (1 + r * rho.clamp(0, alpha))[:, None]
     merged = (dz * unique * scale).sum(0) + (dz * shared).sum(0) / count.clamp(min=1).to(d.dtype)
-    return apply_delta(base, merged, tensors[0], float(kw.get("lambda", 1.0)))
+    return apply_delta(base, merged, tensors[0], global_scale("ram", kw))

@@ -109,3 +109,11 @@ def apply_delta(base: Optional[Tensor], merged: Tensor, like: Tensor, lam: float
     if base is not None:
         out = base.to(out.dtype) + out
     return out.to(like.dtype)
+
+
+def global_scale(method: str, kw: dict) -> float:
+    """The method's ``lambda`` (mergekit's global scale, default 1); any other leftover parameter is an error."""
+    extra = sorted(set(kw) - {"lambda"})
+    if extra:
+        raise TypeError(f"merge method {method!r}: unknown parameter(s) {extra}")
+    return float(kw.get("lambda", 1.0))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from ..ops import merge as ops
 from .registry import register
-from .sparsify import apply_delta, flat_deltas, weights_tensor
+from .sparsify import apply_delta, flat_deltas, global_scale, weights_tensor
 
 
 @register("task_arithmetic", paper="Editing Models with Task Arithmetic (Ilharco et al., ICLR 2023)",
@@ -17,4 +17,4 @@ def task_arithmetic_tensor(base, tensors, weights, *, name="", normalize=False, 
     d = flat_deltas(base, tensors)
     # density 1 keeps every entry: dare_merge is then the fused weighted sum Σ w_i τ_i.
     merged = ops.dare_merge(d, weights_tensor(weights, d), 1.0, 0, "none", "sum", bool(normalize))
-    return apply_delta(base, merged, tensors[0], float(kw.get("lambda", 1.0)))
+    return apply_delta(base, merged, tensors[0], global_scale("task_arithmetic", kw))

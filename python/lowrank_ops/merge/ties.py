@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from ..ops import merge as ops
 from .registry import register
-from .sparsify import apply_delta, flat_deltas, weights_tensor
+from .sparsify import apply_delta, flat_deltas, global_scale, weights_tensor
 
 
 @register("ties", paper="TIES-Merging: Resolving Interference When Merging Models (Yadav et al., NeurIPS 2023)",
@@ -18,4 +18,4 @@ from .sparsify import apply_delta, flat_deltas, weights_tensor
 def ties_tensor(base, tensors, weights, *, name="", density=0.2, sign_method="sum", normalize=True, **kw):
     d = flat_deltas(base, tensors)
     merged = ops.ties_merge(d, weights_tensor(weights, d), float(density), sign_method, bool(normalize))
-    return apply_delta(base, merged, tensors[0], float(kw.get("lambda", 1.0)))
+    return apply_delta(base, merged, tensors[0], global_scale("ties", kw))
