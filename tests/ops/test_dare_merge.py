@@ -119,3 +119,16 @@ def test_compile_fullgraph_inductor():
         return dare_merge(d + 0.0, w, 0.5, 3, "ties") * 2
 
     torch.testing.assert_close(torch.compile(f, fullgraph=True)(d, w), f(d, w), rtol=0, atol=0)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("consensus", ["none", "ties"])
+def test_cuda_matches_cpu(consensus):
+    # the counter hash makes the masks device-independent: same seed, same kept entries
+    d = torch.randn(3, 100_003, dtype=torch.float64)
+    w = torch.tensor([1.0, 0.5, 2.0], dtype=torch.float64)
+    cpu = dare_merge(d, w, 0.3, 77, consensus)
+    gpu = dare_merge(d.cuda(), w.cuda(), 0.3, 77, consensus).cpu()
+    assert torch.equal(cpu != 0, gpu != 0)
+    torch.testing.assert_close(gpu, cpu, rtol=0, atol=1e-12)

@@ -119,3 +119,15 @@ def test_compile_fullgraph():
 
     got = torch.compile(f, fullgraph=True, backend="aot_eager")(d, w)
     torch.testing.assert_close(got, f(d, w), rtol=0, atol=0)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_matches_cpu(dtype):
+    d = randn(4, 100_003, dtype=dtype, device="cpu")
+    w = torch.tensor([1.0, 0.5, 2.0, 0.7])
+    cpu = ties_merge(d, w, 0.2)
+    gpu = ties_merge(d.cuda(), w.cuda(), 0.2).cpu()
+    assert torch.equal(cpu != 0, gpu != 0)  # same thresholds (radix select on the same keys), same election
+    _close(gpu, cpu, dtype)
