@@ -13,6 +13,9 @@ papers assume) TIES (density 0.2-1) and CABS (1:4) both beat averaging
 (e.g. seed 0: averaging 0.59, TIES-0.5 0.39, CABS 0.47 at their best λ).  With
 3x larger fine-tuning steps (lr 3e-3) neither reliably does: averaging wins on
 some seeds -- the claim holds in the small-update regime only, on this toy.
+Also measured, not asserted: plain task arithmetic (sum, λ = 1) beats both
+here (seed 0: 0.21), because each task owns its output head, so its task vector
+barely conflicts with the others' where it matters.
 """
 from __future__ import annotations
 
