@@ -4,6 +4,7 @@
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
+#include <c10/util/string_view.h>
 #include <array>
 #include <tuple>
 
@@ -74,6 +75,25 @@ SVDResult svd_append_cuda(const at::Tensor& U, const at::Tensor& S, const at::Te
 SVDResult svd_append_sparse_cuda(const at::Tensor& U, const at::Tensor& S, const at::Tensor& Vh,
                                  const at::Tensor& crow, const at::Tensor& col, const at::Tensor& val, int64_t rank,
                                  int64_t dim);
+#endif
+// ---- merge family ------------------------------------------------------------
+at::Tensor magnitude_threshold_cpu(const at::Tensor& x, double density);
+at::Tensor ties_merge_cpu(const at::Tensor& deltas, const at::Tensor& weights, double density,
+                          c10::string_view sign_method, bool normalize);
+at::Tensor dare_merge_cpu(const at::Tensor& deltas, const at::Tensor& weights, double density, int64_t seed,
+                          c10::string_view consensus, c10::string_view sign_method, bool normalize);
+at::Tensor nm_mask_cpu(const at::Tensor& x, int64_t n, int64_t m, const OptTensor& forbidden);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sign_consensus_cpu(const at::Tensor& deltas, const OptTensor& weights,
+                                                                  double eps, c10::string_view sign_method);
+#ifdef LOWRANK_OPS_WITH_CUDA
+at::Tensor magnitude_threshold_cuda(const at::Tensor& x, double density);
+at::Tensor ties_merge_cuda(const at::Tensor& deltas, const at::Tensor& weights, double density,
+                           c10::string_view sign_method, bool normalize);
+at::Tensor dare_merge_cuda(const at::Tensor& deltas, const at::Tensor& weights, double density, int64_t seed,
+                           c10::string_view consensus, c10::string_view sign_method, bool normalize);
+at::Tensor nm_mask_cuda(const at::Tensor& x, int64_t n, int64_t m, const OptTensor& forbidden);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sign_consensus_cuda(const at::Tensor& deltas, const OptTensor& weights,
+                                                                   double eps, c10::string_view sign_method);
 #endif
 
 }  // namespace lowrank_ops

@@ -68,3 +68,37 @@ TORCH_LIBRARY(lowrank_ops, m) {
   // Which backends this build carries; the Python loader reports it.
   m.def("build_info() -> str", &build_info);
 }
+
+TORCH_LIBRARY_FRAGMENT(lowrank_ops, m) {
+  m.set_python_module("lowrank_ops.ops.merge");
+  // k-th largest |x| (0-d, x's dtype), k = max(1, floor(density·numel)) for 0 < density < 1
+  // (mergekit's rule), numel at density 1, none (+inf) at 0; by selection, O(numel).
+  m.def("magnitude_threshold(Tensor x, float density) -> Tensor");
+  // TIES-Merging (Yadav et al. 2023, Alg. 1) of deltas (N, P) with weights (N):
+  // trim each row to its top-density |δ|, elect the sign of Σ w·δ (sum) or of the
+  // sign count (count), disjoint mean over agreeing models (÷ Σ w if normalize) -> (P).
+  m.def("ties_merge(Tensor deltas, Tensor weights, float density, str sign_method=\"sum\", "
+        "bool normalize=True) -> Tensor");
+  // DARE (Yu et al. 2024, Eq. 2-3): drop δ with prob 1-density by a counter hash of
+  // (seed, model, element), rescale by 1/density, then Σ w·δ (consensus "none") or
+  // the TIES election + disjoint sum (consensus "ties"), ÷ Σ w if normalize -> (P).
+  m.def("dare_merge(Tensor deltas, Tensor weights, float density, int seed, str consensus=\"none\", "
+        "str sign_method=\"sum\", bool normalize=False) -> Tensor");
+  // n:m magnitude mask along the last dim (bool, x's shape), never choosing a
+  // `forbidden` position (CABS, Yang et al. 2025).
+  m.def("nm_mask(Tensor x, int n, int m, Tensor? forbidden=None) -> Tensor");
+  // Per coordinate of deltas (N, P): elected sign (±1, deltas' dtype) of the models with
+  // |δ| > eps, the number of those agreeing with it (int32) and their number (int32).
+  // NegMerge (Kim et al. 2025) keeps support == N; RAM splits count == 1 from count > 1.
+  m.def("sign_consensus(Tensor deltas, Tensor? weights=None, float eps=0.0, str sign_method=\"sum\") "
+        "-> (Tensor, Tensor, Tensor)");
+}
+
+// The merge ops are not differentiable (masks, counts, order statistics, sign-gated
+// sums): autograd falls through, so their outputs never require grad and a backward
+// through them fails loudly instead of PyTorch's silent "not implemented" fallback.
+TORCH_LIBRARY_IMPL(lowrank_ops, Autograd, m) {
+  for (const char* op : {"magnitude_threshold", "ties_merge", "dare_merge", "nm_mask", "sign_consensus"}) {
+    m.impl(op, torch::CppFunction::makeFallthrough());
+  }
+}

@@ -31,3 +31,15 @@ sequential_projection = METHODS["sequential_projection"]
 __all__ += ["slerp", "model_stock", "pcb", "lines", "tsv_m", "lore", "sequential_projection", "atlas",
             "learn_coefficients", "lore_estimate", "MergeConfig", "ConfigError", "parse_config", "MergeError",
             "merge_checkpoints", "lora"]
+from . import cabs as _cabs, dare as _dare, magnitude_prune as _mp, negmerge as _negmerge  # noqa: E402,F401
+from . import ram as _ram, task_arithmetic as _ta, ties as _ties  # noqa: E402,F401
+
+task_arithmetic = METHODS["task_arithmetic"]
+ties = METHODS["ties"]
+dare_linear = METHODS["dare_linear"]
+dare_ties = METHODS["dare_ties"]
+magnitude_prune = METHODS["magnitude_prune"]
+cabs = METHODS["cabs"]
+negmerge = METHODS["negmerge"]
+ram = METHODS["ram"]
+__all__ += ["task_arithmetic", "ties", "dare_linear", "dare_ties", "magnitude_prune", "cabs", "negmerge", "ram"]

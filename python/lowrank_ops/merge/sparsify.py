@@ -1,0 +1,119 @@
+"""Sparsification primitives shared by the merge methods (mergekit's ``sparsify`` role).
+
+All numerics go through :mod:`lowrank_ops.ops.merge`; these helpers only
+reshape and combine.  Conventions (top-k count, ties, NaN) are the ops'.
+"""
+from __future__ import annotations
+
+import zlib
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from ..ops import merge as ops
+
+
+def work_dtype(t: Tensor) -> torch.dtype:
+    """Accumulation dtype of the merge methods: fp64 stays fp64, everything else fp32."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def flat_deltas(base: Optional[Tensor], tensors: Sequence[Tensor]) -> Tensor:
+    """``(N, P)`` task vectors ``tensors[i] - base`` (flattened) in the work dtype."""
+    dt = work_dtype(tensors[0])
+    d = torch.stack([t.reshape(-1).to(dt) for t in tensors])
+    return d if base is None else d - base.reshape(-1).to(dt)
+
+
+def weights_tensor(weights: Sequence[float], like: Tensor) -> Tensor:
+    return torch.tensor([float(w) for w in weights], dtype=like.dtype, device=like.device)
+
+
+def tensor_seed(seed: int, name: str) -> int:
+    """Per-tensor DARE seed: ``seed`` mixed with the tensor's name, so equal-shaped tensors get different masks."""
+    return (int(seed) * 0x100000001B3 + zlib.crc32(name.encode())) & ((1 << 63) - 1)
+
+
+def magnitude(x: Tensor, density: float) -> Tensor:
+    """Keep the top-``density`` fraction of ``x`` by magnitude (``|x| >= magnitude_threshold``), zero the rest."""
+    if density >= 1:
+        return x
+    thr = ops.magnitude_threshold(x, density)
+    keep = (x.abs() >= thr) | torch.isnan(x)
+    return torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def magnitude_rows(deltas: Tensor, density: float) -> Tensor:
+    """:func:`magnitude` on each row of ``(N, P)`` ``deltas``."""
+    if density >= 1:
+        return deltas
+    return torch.stack([magnitude(r, density) for r in deltas]) if deltas.shape[0] else deltas
+
+
+def random_drop(x: Tensor, density: float, seed: int) -> Tensor:
+    """DARE's drop-and-rescale of one tensor (``x·mask/density``), with the ops' counter hash (model index 0)."""
+    flat = x.reshape(1, -1)
+    w = torch.ones(1, dtype=flat.dtype, device=flat.device)
+    return ops.dare_merge(flat, w, density, seed, "none").reshape(x.shape)
+
+
+def nm_groups(x: Tensor, m: int) -> Optional[Tensor]:
+    """View ``x`` so its last dim is a multiple of ``m`` (its own last dim, else flattened); None if impossible."""
+    if x.dim() >= 1 and x.shape[-1] % m == 0:
+        return x
+    if x.numel() % m == 0:
+        return x.reshape(-1)
+    return None
+
+
+def disjoint_masks(deltas: Tensor, *, density: float = 0.25, n: Optional[int] = None, m: Optional[int] = None,
+                   order: Optional[Sequence[int]] = None, shape: Optional[Sequence[int]] = None) -> Tensor:
+    """CABS's conflict-aware masks (Yang et al. 2025): ``M_t = NM(|τ_t| ⊙ R_t)``, ``R_t = ¬∨_{s<t} M_s``.
+
+    Models are visited in ``order`` (default 0..N-1); each keeps its largest
+    entries among positions no earlier model kept, so the masks are pairwise
+    disjoint.  With ``n`` and ``m`` the selection is ``n:m`` along the last dim
+    of ``shape`` (balanced sparsification; flattened if that dim is not a
+    multiple of ``m``; density-based if neither is); otherwise each model
+    keeps the top-``density`` fraction of the whole tensor among the allowed
+    positions (never a zero entry).
+
+    Returns a bool ``(N, P)`` mask for ``(N, P)`` ``deltas``.
+    """
+    N, P = deltas.shape
+    order = list(range(N)) if order is None else [int(i) for i in order]
+    if sorted(order) != list(range(N)):
+        raise ValueError(f"cabs: `order` must be a permutation of 0..{N - 1}, got {order}")
+    shape = (P,) if shape is None else tuple(shape)
+    masks = torch.zeros_like(deltas, dtype=torch.bool)
+    taken = torch.zeros(P, dtype=torch.bool, device=deltas.device)
+    use_nm = n is not None and m is not None and nm_groups(torch.empty(shape, device="meta"), m) is not None
+    for t in order:
+        x = deltas[t]
+        if use_nm:
+            xs = nm_groups(x.reshape(shape), m)
+            mk = ops.nm_mask(xs, n, m, taken.reshape(xs.shape)).reshape(P) & (x != 0)
+        else:
+            allowed = torch.where(taken, torch.zeros((), dtype=x.dtype, device=x.device), x)
+            k_mask = magnitude(allowed, density) != 0
+            mk = k_mask & ~taken
+        masks[t] = mk
+        taken |= mk
+    return masks
+
+
+def apply_delta(base: Optional[Tensor], merged: Tensor, like: Tensor, lam: float) -> Tensor:
+    """``base + lam·merged`` (or ``lam·merged`` without a base), shaped and typed like ``like``."""
+    out = merged.reshape(like.shape) * lam if lam != 1 else merged.reshape(like.shape)
+    if base is not None:
+        out = base.to(out.dtype) + out
+    return out.to(like.dtype)
+
+
+def global_scale(method: str, kw: dict) -> float:
+    """The method's ``lambda`` (mergekit's global scale, default 1); any other leftover parameter is an error."""
+    extra = sorted(set(kw) - {"lambda"})
+    if extra:
+        raise TypeError(f"merge method {method!r}: unknown parameter(s) {extra}")
+    return float(kw.get("lambda", 1.0))
