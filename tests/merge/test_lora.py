@@ -132,7 +132,7 @@ def test_linear_is_the_sum_of_scaled_factors_not_of_products(tmp_path):
 def _dense_ties(deltas, density):
     n = deltas.shape[0]
     flat = deltas.reshape(n, -1)
-    k = max(1, int(round(density * flat.shape[1])))
+    k = max(1, int(density * flat.shape[1]))  # ops.magnitude_threshold: floor, at least one
     thr = flat.abs().sort(dim=1, descending=True).values[:, k - 1:k]
     trimmed = flat * (flat.abs() >= thr)
     sign = torch.sign(trimmed.sum(0))

@@ -48,7 +48,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from .. import linalg
+from .. import linalg, ops
 from ..adapters.io import CONFIG_NAME, WEIGHTS_NAME, read_config
 from ..adapters.lora import DoRA, LoRA
 LORA_METHODS = ("linear", "cat", "svd", "ties", "dare", "dare_ties")
@@ -103,26 +103,6 @@ def _split(c: float) -> tuple[float, float]:
     """Coefficient ``c`` as ``(a, b)`` with ``a·b = c``, ``|a| = |b|``, the sign on ``a`` (peft's split for A and B)."""
     s = math.sqrt(abs(c))
     return (math.copysign(s, c) if c != 0 else 0.0), s
-
-
-def _ties_tile(deltas: Tensor, density: float) -> Tensor:
-    """TIES (Yadav et al. 2023, §3): trim each row of ``deltas (N, P)`` to its top ``density``, elect sign, disjoint mean."""
-    n, p = deltas.shape
-    k = max(1, int(round(density * p)))
-    if k < p:
-        # uses ops.merge.magnitude_threshold once merged
-        thr = deltas.abs().kthvalue(p - k + 1, dim=1, keepdim=True).values
-        deltas = deltas * (deltas.abs() >= thr)
-    sign = torch.sign(deltas.sum(0))
-    agree = (torch.sign(deltas) == sign) & (deltas != 0)
-    num = (deltas * agree).sum(0)
-    return num / agree.sum(0).clamp_min(1)
-
-
-def _dare_tile(deltas: Tensor, density: float, gen: torch.Generator) -> Tensor:
-    """DARE (Yu et al. 2024, Eq. 2): keep each entry with probability ``density``, rescale by ``1/density``."""
-    keep = torch.rand(deltas.shape, generator=gen, dtype=deltas.dtype) < density
-    return deltas * keep / density
 
 
 def merge_lora_adapters(adapters: Sequence[Union[str, os.PathLike]], out_dir: Union[str, os.PathLike], *,
@@ -195,15 +175,13 @@ def merge_lora_adapters(adapters: Sequence[Union[str, os.PathLike]], out_dir: Un
             for r0 in range(0, out_f, max(1, int(tile_rows))):
                 r1 = min(out_f, r0 + int(tile_rows))
                 tiles = torch.stack([c * (b[r0:r1] @ a) for c, a, b in zip(coefs, As, Bs)]).reshape(len(ads), -1)
-                if method in ("dare", "dare_ties"):
-                    gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + mi * 7919 + r0)
-                    tiles = _dare_tile(tiles, density, gen)
-                if method == "dare":
-                    tile = tiles.sum(0)
-                elif method == "dare_ties":
-                    tile = _ties_tile(tiles, 1.0)
-                else:
-                    tile = _ties_tile(tiles, density)
+                ones = torch.ones(len(ads), dtype=cdt)
+                if method == "ties":  # TIES (Yadav et al. 2023, Alg. 1): trim, elect sign, disjoint mean
+                    tile = ops.ties_merge(tiles, ones, density, "sum", True)
+                else:  # DARE (Yu et al. 2024, Eq. 2) drop + rescale; seeded per module and tile
+                    tile_seed = int(seed) * 1_000_003 + mi * 7919 + r0
+                    tile = ops.dare_merge(tiles, ones, density, tile_seed,
+                                          "ties" if method == "dare_ties" else "none", "sum", method == "dare_ties")
                 merged[r0:r1] = tile.reshape(r1 - r0, in_f)
                 del tiles, tile
             k = min(new_rank, out_f, in_f)

@@ -46,7 +46,7 @@ def pcb_scores(deltas: torch.Tensor, density: float = 0.1, clamp_ratio: float = 
     intra = torch.exp(n * _minmax(mag) ** 2)
     inter = torch.tanh(deltas * deltas.sum(dim=0, keepdim=True))
     score = intra * inter
-    # uses ops.merge.magnitude_threshold once merged
+    # scores are signed (tanh term), so this is a selection on the score itself, not on |x|
     k = d - min(int(d * (1 - density)), d - 1)  # rank (from the top) of the row's drop threshold
     thr = torch.stack([kth_largest(score[i], k) for i in range(n)]).unsqueeze(1)
     beta = _minmax(torch.maximum(score, thr))
