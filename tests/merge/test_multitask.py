@@ -1,6 +1,6 @@
 """Synthetic multi-task merge: do sparsified merges beat plain averaging? (tests/merge/multitask.py)
 
-The papers' claim (TIES, Yadav et al. 2023, Tab. 1; CABS, Yang et al. 2025)
+The papers' claim (TIES, Yadav et al. 2023, Tab. 1; CABS, Yang et al. 2025; PCB, Du et al. 2024)
 is that trimming/sign election (TIES) and disjoint balanced masks (CABS)
 reduce interference, so the merged model beats weight averaging on the
 average task metric.  Protocol as in those papers: the global scale λ of each
@@ -67,3 +67,12 @@ def test_cabs_beats_averaging(tasks):
     avg = _avg_metric(tasks, merge.task_arithmetic(tasks.base, tasks.finetuned, weights=[1 / K] * K))
     cabs, lam = _tuned(tasks, merge.cabs, n=1, m=4)
     assert cabs < avg, f"CABS {cabs:.3f} (λ={lam}) vs averaging {avg:.3f}"
+
+
+def test_pcb_beats_averaging(tasks):
+    # PCB's global scale is its `scaling` (Du et al. 2024, Alg. 1 λ), tuned on the same grid.
+    K = tasks.num_tasks
+    avg = _avg_metric(tasks, merge.task_arithmetic(tasks.base, tasks.finetuned, weights=[1 / K] * K))
+    best = min(LAMBDAS, key=lambda s: _avg_metric(tasks, merge.pcb(tasks.base, tasks.finetuned, density=0.2, scaling=s), "val"))
+    pcb = _avg_metric(tasks, merge.pcb(tasks.base, tasks.finetuned, density=0.2, scaling=best))
+    assert pcb < avg, f"PCB {pcb:.3f} (scaling={best}) vs averaging {avg:.3f}"
