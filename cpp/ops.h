@@ -53,4 +53,14 @@ Grads3 dora_norm_backward_cuda(const at::Tensor& grad, const at::Tensor& norm, c
                                std::array<bool, 3> output_mask);
 #endif
 
+// ---- linalg family -----------------------------------------------------------
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rsvd_cpu(const at::Tensor& A, int64_t rank, int64_t oversample,
+                                                        int64_t n_iter, int64_t seed);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> pivoted_qr_cpu(const at::Tensor& A, std::optional<int64_t> rank);
+#ifdef LOWRANK_OPS_WITH_CUDA
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rsvd_cuda(const at::Tensor& A, int64_t rank, int64_t oversample,
+                                                         int64_t n_iter, int64_t seed);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> pivoted_qr_cuda(const at::Tensor& A, std::optional<int64_t> rank);
+#endif
+
 }  // namespace lowrank_ops
