@@ -299,7 +299,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> pivoted_qr_impl(const at::
   }
   at::Tensor Q = at::linalg_householder_product(V, tau);
   at::Tensor R = W.narrow(0, 0, k).triu();
-  return std::make_tuple(Q, R.contiguous(), perm);
+  return std::make_tuple(Q.contiguous(), R.contiguous(), perm);
 }
 
 }  // namespace linalg_detail
