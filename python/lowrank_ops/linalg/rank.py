@@ -32,8 +32,11 @@ def select_rank(S: Tensor, energy: Optional[float] = None, elbow: bool = False) 
       drop, not ``-inf``) and the chord from ``(0, y_0)`` to ``(n-1, y_{n-1})``,
       ``k`` is the index of the point furthest *below* the chord (the start of
       the flat tail; ties: the first), i.e. the number of values before the
-      elbow; ``k = 1`` if no point lies below the chord (a concave spectrum).
-      For a rank-``r`` signal plus a flat noise floor this is ``r``.
+      elbow.  If no point lies below the chord (a concave log spectrum, e.g. a
+      cliff at the end), ``k`` is one plus the index of the point furthest
+      *above* it (the last value before the fall); if the log spectrum is a
+      straight line (flat, or exactly geometric) there is no elbow and ``k = 1``.
+      For a rank-``r`` signal plus a flat noise floor both rules give ``r``.
 
     Args:
         S: ``(n,)`` singular values (any order; sorted non-increasing here).
@@ -68,8 +71,13 @@ def select_rank(S: Tensor, energy: Optional[float] = None, elbow: bool = False) 
     i = torch.arange(n, dtype=torch.float64)
     chord = y[0] + (y[-1] - y[0]) * i / (n - 1)
     below = chord - y
+    # Relative tolerance: a straight log line must not find an elbow in its rounding errors.
+    tol = 1e-12 * max(float((y[0] - y[-1]).abs()), 1.0)
     k = int(torch.argmax(below))
-    return k if below[k] > 0 and k >= 1 else 1
+    if below[k] > tol:
+        return max(k, 1)
+    k = int(torch.argmax(-below))
+    return k + 1 if -below[k] > tol else 1
 
 
 def allocate_ranks(spectra: Mapping[str, Tensor], budget: int, min_rank: int = 1,
