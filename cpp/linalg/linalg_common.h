@@ -38,55 +38,57 @@ inline void check_float_input(const at::Tensor& A, const char* op) {
 
 // ---------------------------------------------------------------- orthonormalisation
 
-// Orthonormal basis of range(Y) for a batch of tall blocks Y (..., m, b), m >= b.
+// One CholeskyQR round X·L⁻ᵀ with G = XᵀX = L·Lᵀ given; false if the Cholesky fails.
+// X·L⁻ᵀ is a GEMM with the small inverse: a triangular solve against the tall
+// transposed block is several times slower in LAPACK/MKL.
+inline bool cholqr_round(const at::Tensor& X, const at::Tensor& G, const at::Tensor& eye, at::Tensor& out) {
+  auto [L, info] = at::linalg_cholesky_ex(G);
+  if (info.ne(0).any().item<bool>()) return false;
+  out = at::matmul(X, at::linalg_solve_triangular(L, eye, /*upper=*/false).mT());
+  return true;
+}
+
+// ‖G − I‖_max ≤ 1/2: the block is orthonormal enough for one more CholeskyQR
+// round to make it orthonormal to O(u) (Yamamoto, Nakatsukasa, Yanagisawa &
+// Fukaya 2015, Thm 3.3).  NaN fails the test.
+inline bool near_identity(const at::Tensor& G, const at::Tensor& eye) {
+  return (G - eye).abs().amax().item<double>() <= 0.5;
+}
+
+// Orthonormal block Q with range(Q) = range(Y) ⊥ range(Qp) (Qp undefined or
+// empty: plain orthonormalisation), for a batch of tall blocks Y (..., m, b).
 //
-// CholeskyQR2 (Yamamoto, Nakatsukasa, Yanagisawa & Fukaya 2015): two rounds of
-// G = YᵀY, L = chol(G), Y ← Y·L⁻ᵀ — three small GEMMs and a b×b Cholesky per round
-// instead of Householder QR's BLAS-2 panels.  One round leaves an orthogonality
-// error of about u·cond(Y)², so it is safe only when that is well below 1; the
-// first round's result is checked (‖QᵀQ − I‖_max ≤ 1/2 makes the second round
-// exact to O(u), Yamamoto et al. Thm 3.3) and anything else — a failed
-// Cholesky (rank-deficient Y: exactly-low-rank A, or a Krylov block that
-// deflated) or a lost orthogonality — falls back to Householder QR, which is
-// always orthonormal.  The check reads one scalar (a sync on CUDA).
-inline at::Tensor orthonormalize(const at::Tensor& Y) {
+// Block classical Gram–Schmidt twice, each pass followed by a CholeskyQR round
+// (BCGS2 with CholeskyQR; without Qp it is CholeskyQR2 of Yamamoto et al.
+// 2015): per round one b×b Gram GEMM, a b×b Cholesky and one GEMM with its
+// inverse — instead of Householder QR's BLAS-2 panels.  One round leaves an
+// orthogonality error of about u·cond(Y)², fixed by the second round when that
+// is below 1/2, which the second round's Gram matrix tells at no extra cost.
+// Anything else — a failed Cholesky (rank-deficient Y: exactly-low-rank A, a
+// deflated Krylov block) or too much lost orthogonality — falls back to
+// Householder QR of the current block, always orthonormal.  Each check reads
+// one scalar (a sync on CUDA).
+inline at::Tensor orthonormalize_against(at::Tensor Y, const at::Tensor& Qp) {
   const int64_t b = Y.size(-1);
   if (b == 0 || Y.size(-2) == 0) return Y.clone();
-  auto householder = [&]() { return std::get<0>(at::linalg_qr(Y, "reduced")); };
-  auto eye = at::eye(b, Y.options());
-  auto round = [&](const at::Tensor& X, at::Tensor& out) -> bool {
-    auto G = at::matmul(X.mT(), X);
-    auto [L, info] = at::linalg_cholesky_ex(G);
-    if (info.ne(0).any().item<bool>()) return false;
-    // X·L⁻ᵀ as a GEMM with the small inverse: a triangular solve against the
-    // tall transposed block is several times slower in LAPACK/MKL.
-    auto Linv = at::linalg_solve_triangular(L, eye, /*upper=*/false);
-    out = at::matmul(X, Linv.mT());
-    return true;
-  };
-  at::Tensor Q1, Q;
-  if (!round(Y, Q1)) return householder();
-  auto err = (at::matmul(Q1.mT(), Q1) - eye).abs().amax();
-  if (!(err.item<double>() <= 0.5)) return householder();  // also catches NaN
-  if (!round(Q1, Q)) return householder();
+  const bool has_qp = Qp.defined() && Qp.size(-1) > 0;
+  auto project = [&](const at::Tensor& X) { return has_qp ? X - at::matmul(Qp, at::matmul(Qp.mT(), X)) : X; };
+  auto householder = [&](const at::Tensor& X) { return project(std::get<0>(at::linalg_qr(X, "reduced"))); };
+  const auto eye = at::eye(b, Y.options());
+  Y = project(Y);
+  at::Tensor Q1;
+  if (!cholqr_round(Y, at::matmul(Y.mT(), Y), eye, Q1)) {
+    // Householder's Q is orthonormal; projected once more it is ⊥ Qp to O(u) too.
+    return householder(Y);
+  }
+  at::Tensor Y2 = project(Q1);
+  at::Tensor G2 = at::matmul(Y2.mT(), Y2);
+  at::Tensor Q;
+  if (!near_identity(G2, eye) || !cholqr_round(Y2, G2, eye, Q)) return householder(Y2);
   return Q;
 }
 
-// Orthonormal block Q with range ⊂ range(Y) ⊥ range(Qp) ("BCGS2": block classical
-// Gram–Schmidt twice, then an intra-block orthonormalisation, then once more
-// against Qp so that the noise a deflated block leaves is orthogonal too).
-inline at::Tensor orthonormalize_against(at::Tensor Y, const at::Tensor& Qp) {
-  if (Qp.defined() && Qp.size(-1) > 0) {
-    Y = Y - at::matmul(Qp, at::matmul(Qp.mT(), Y));
-    Y = Y - at::matmul(Qp, at::matmul(Qp.mT(), Y));
-  }
-  auto Q = orthonormalize(Y);
-  if (Qp.defined() && Qp.size(-1) > 0) {
-    Q = Q - at::matmul(Qp, at::matmul(Qp.mT(), Q));
-    Q = orthonormalize(Q);
-  }
-  return Q;
-}
+inline at::Tensor orthonormalize(const at::Tensor& Y) { return orthonormalize_against(Y, at::Tensor()); }
 
 // ---------------------------------------------------------------- rsvd
 
@@ -144,22 +146,26 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> rsvd_impl(const at::Tensor
   at::Tensor Omega = at::randn(om_size, gen, at::TensorOptions().dtype(dt)).to(A.device());
 
   const at::Tensor At = A.mT();
-  at::Tensor P = orthonormalize(Omega);  // n × b
-  at::Tensor Pall = P, Qall;             // growing bases
-  std::vector<at::Tensor> Ys;            // A·P_i, kept for C = Qᵀ·A·P
-  Ys.reserve(plan.depth);
+  const int64_t b = plan.block, L = plan.block * plan.depth;
+  // Bases filled block by block (views of the leading columns, no re-concatenation).
+  std::vector<int64_t> qsize(batch.begin(), batch.end()), psize(batch.begin(), batch.end());
+  qsize.push_back(m);
+  qsize.push_back(L);
+  psize.push_back(n);
+  psize.push_back(L);
+  at::Tensor Qall = at::empty(qsize, A.options()), Pall = at::empty(psize, A.options());
+  at::Tensor AP = at::empty(qsize, A.options());  // A·P_i, kept for C = Qᵀ·A·P
+  Pall.narrow(-1, 0, b).copy_(orthonormalize(Omega));
   for (int64_t i = 0; i < plan.depth; ++i) {
-    at::Tensor Y = at::matmul(A, P);  // pass over A
-    Ys.push_back(Y);
-    at::Tensor Q = orthonormalize_against(Y, Qall);
-    Qall = Qall.defined() ? at::cat({Qall, Q}, -1) : Q;
-    if (i + 1 < plan.depth) {
-      P = orthonormalize_against(at::matmul(At, Q), Pall);  // pass over Aᵀ
-      Pall = at::cat({Pall, P}, -1);
+    at::Tensor Yi = AP.narrow(-1, i * b, b);
+    at::matmul_out(Yi, A, Pall.narrow(-1, i * b, b));  // pass over A
+    Qall.narrow(-1, i * b, b).copy_(orthonormalize_against(Yi, Qall.narrow(-1, 0, i * b)));
+    if (i + 1 < plan.depth) {  // pass over Aᵀ
+      Pall.narrow(-1, (i + 1) * b, b)
+          .copy_(orthonormalize_against(at::matmul(At, Qall.narrow(-1, i * b, b)), Pall.narrow(-1, 0, (i + 1) * b)));
     }
   }
-  at::Tensor AP = at::cat(Ys, -1);            // m × L, equals A·Pall
-  at::Tensor C = at::matmul(Qall.mT(), AP);   // L × L
+  at::Tensor C = at::matmul(Qall.mT(), AP);  // L × L, upper block-triangular up to rounding
   auto [Uc, S, Vch] = at::linalg_svd(C, /*full_matrices=*/false);
   at::Tensor U = at::matmul(Qall, Uc.narrow(-1, 0, rank));
   at::Tensor Vh = at::matmul(Vch.narrow(-2, 0, rank), Pall.mT());

@@ -1,4 +1,4 @@
 """Benchmark suites, one module per op family; importing registers their cases."""
-from . import lowrank  # noqa: F401
+from . import linalg, lowrank  # noqa: F401
 
-SUITES = ["lowrank"]
+SUITES = ["lowrank", "linalg"]
