@@ -49,8 +49,8 @@ inline bool cholqr_round(const at::Tensor& X, const at::Tensor& G, const at::Ten
 }
 
 // ‖G − I‖_max ≤ 1/2: the block is orthonormal enough for one more CholeskyQR
-// round to make it orthonormal to O(u) (Yamamoto, Nakatsukasa, Yanagisawa &
-// Fukaya 2015, Thm 3.3).  NaN fails the test.
+// round to make it orthonormal to O(u) (the CholeskyQR2 analysis of Yamamoto,
+// Nakatsukasa, Yanagisawa & Fukaya 2015).  NaN fails the test.
 inline bool near_identity(const at::Tensor& G, const at::Tensor& eye) {
   return (G - eye).abs().amax().item<double>() <= 0.5;
 }
