@@ -1,4 +1,5 @@
 """Benchmark suites, one module per op family; importing registers their cases."""
-from . import linalg, lowrank  # noqa: F401
+from . import lowrank  # noqa: F401
+from . import linalg  # noqa: F401
 
 SUITES = ["lowrank", "linalg"]
