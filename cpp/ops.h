@@ -95,5 +95,14 @@ at::Tensor nm_mask_cuda(const at::Tensor& x, int64_t n, int64_t m, const OptTens
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sign_consensus_cuda(const at::Tensor& deltas, const OptTensor& weights,
                                                                    double eps, c10::string_view sign_method);
 #endif
+// ---- linalg family -----------------------------------------------------------
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rsvd_cpu(const at::Tensor& A, int64_t rank, int64_t oversample,
+                                                        int64_t n_iter, int64_t seed);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> pivoted_qr_cpu(const at::Tensor& A, std::optional<int64_t> rank);
+#ifdef LOWRANK_OPS_WITH_CUDA
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rsvd_cuda(const at::Tensor& A, int64_t rank, int64_t oversample,
+                                                         int64_t n_iter, int64_t seed);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> pivoted_qr_cuda(const at::Tensor& A, std::optional<int64_t> rank);
+#endif
 
 }  // namespace lowrank_ops

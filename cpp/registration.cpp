@@ -54,6 +54,18 @@ TORCH_LIBRARY_FRAGMENT(lowrank_ops, m) {
         "int dim=1) -> (Tensor, Tensor, Tensor)");
 }
 
+TORCH_LIBRARY_FRAGMENT(lowrank_ops, m) {
+  m.set_python_module("lowrank_ops.ops.linalg");
+  // A (..., m, n) ≈ U (..., m, rank) · diag(S (..., rank)) · Vh (..., rank, n): randomized truncated SVD
+  // by block Krylov (Halko, Martinsson & Tropp 2011; Musco & Musco 2015), Ω from a CPU generator seeded
+  // with `seed`; fp64 in -> fp64, anything else -> fp32.  Not differentiable.
+  m.def("rsvd(Tensor A, int rank, int oversample=8, int n_iter=2, int seed=0) -> (Tensor, Tensor, Tensor)");
+  // A (m, n): A[:, perm] = Q (m, k) · R (k, n), |diag R| non-increasing, k = min(m, n) or `rank`
+  // (truncated after `rank` pivots); column-pivoted Householder QR (Businger & Golub 1965), blocked as
+  // LAPACK xGEQP3 (Quintana-Ortí, Sun & Bischof 1998).  perm int64.  Not differentiable.
+  m.def("pivoted_qr(Tensor A, int? rank=None) -> (Tensor, Tensor, Tensor)");
+}
+
 namespace {
 std::string build_info() {
 #ifdef LOWRANK_OPS_WITH_CUDA

@@ -54,6 +54,7 @@ import torch
 from torch import Tensor, nn
 
 from ... import linalg
+from ...linalg import allocate_ranks  # EVA §3.2 redistribution; re-exported for callers of this module
 from ...nn import Factor, LoRALinear, lora_scaling
 from .config import LoRA, patterns_from_peft_dict
 
@@ -295,44 +296,6 @@ def config_from_peft_dict(d: dict) -> LoRA:
                    whiten=bool(e.get("whiten", False)), adjust_scaling_factors=bool(e.get("adjust_scaling_factors", True)))
     raise NotImplementedError(f"load_pretrained: init_lora_weights={init!r} is not supported "
                               "(supported: True, False, 'gaussian', 'pissa', 'pissa_niter_K', 'milora', 'olora', 'eva')")
-
-
-# --------------------------------------------------------------------------- rank allocation
-
-
-def allocate_ranks(spectra: Mapping[str, Tensor], budget: int, min_rank: int = 1,
-                   max_rank: Optional[int] = None, total: Optional[Mapping[str, float]] = None) -> dict[str, int]:
-    """Global rank budget by explained variance (EVA §3.2).
-
-    Component ``i`` of layer ``ℓ`` scores ``S_ℓi² / E_ℓ`` with ``E_ℓ = Σ_i S_ℓi²`` (or
-    ``total[ℓ]``, the layer's total energy when ``spectra`` are truncated, as EVA's
-    ``‖X‖_F²``).  Every layer first gets ``min_rank``; the remaining budget goes to the
-    globally largest scores among each layer's components ``min_rank .. max_rank − 1``
-    (a layer's components are taken in order, scores being non-increasing in ``i``).
-    Ties break by layer order, then component index.  Returns ``{name: rank}``,
-    ``Σ rank = min(budget, available)``.
-    """
-    # switch to linalg.allocate_ranks once merged (it normalises by Σ S²; pass ``total`` there
-    # by appending the missing energy, or keep this wrapper for truncated spectra)
-    if budget < 0 or min_rank < 0:
-        raise ValueError(f"allocate_ranks: budget and min_rank must be >= 0, got budget={budget}, min_rank={min_rank}")
-    names = list(spectra)
-    ranks = {}
-    scores = []
-    for li, n in enumerate(names):
-        S = spectra[n].detach().double().flatten()
-        cap = S.numel() if max_rank is None else min(S.numel(), max_rank)
-        base = min(min_rank, cap)
-        ranks[n] = base
-        energy = float(total[n]) if total is not None else float(S.square().sum())
-        ratio = S.square() / energy if energy > 0 else torch.zeros_like(S)
-        scores += [(-float(ratio[i]), li, i, n) for i in range(base, cap)]
-    left = budget - sum(ranks.values())
-    if left < 0:
-        raise ValueError(f"allocate_ranks: budget {budget} is below min_rank {min_rank} x {len(names)} layers")
-    for _, _, _, n in sorted(scores)[:left]:
-        ranks[n] += 1
-    return ranks
 
 
 # --------------------------------------------------------------------------- EVA

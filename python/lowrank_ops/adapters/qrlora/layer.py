@@ -40,9 +40,10 @@ class QRLoRALinear(SpectralLinear):
         super().__init__(base_layer)
         k = min(self.in_features, self.out_features)
         w = base_layer.weight.detach().to(compute_dtype(base_layer.weight.dtype))
-        # TODO(linalg): pass rank= to pivoted_qr once the compiled op (which takes it) is merged.
-        Q, R, perm = linalg.pivoted_qr(w)
-        if energy is not None:
+        if energy is None:  # stop the pivoting after r columns (truncated pivoted QR)
+            Q, R, perm = linalg.pivoted_qr(w, rank=resolve_rank("QRLoRA", r, k))
+        else:  # the energy rule needs the whole diagonal of R
+            Q, R, perm = linalg.pivoted_qr(w)
             if not 0.0 < energy <= 1.0:
                 raise ValueError(f"QRLoRA: energy must lie in (0, 1], got {energy!r}")
             r = energy_rank(torch.diagonal(R), energy)

@@ -1,0 +1,312 @@
+// Device-generic pieces of the linalg family (rsvd, pivoted_qr) shared by the
+// CPU registrations (cpp/linalg/*.cpp) and the CUDA ones (cuda/linalg/linalg_cuda.cpp).
+// Every dense product, Cholesky, QR and small SVD goes through ATen (BLAS/LAPACK
+// on CPU, cuBLAS/cuSOLVER on CUDA); nothing here is a hand-written GEMM.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
+
+#include <cmath>
+#include <limits>
+#include <optional>
+#include <string>
+#include <tuple>
+#include <vector>
+
+namespace lowrank_ops {
+namespace linalg_detail {
+
+inline std::string shape_str(const at::Tensor& t) {
+  std::string s = "(";
+  for (int64_t i = 0; i < t.dim(); ++i) {
+    if (i) s += ", ";
+    s += std::to_string(t.size(i));
+  }
+  return s + ")";
+}
+
+// fp64 stays fp64; everything else is computed in fp32 (DESIGN §3).
+inline at::ScalarType compute_dtype(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+inline void check_float_input(const at::Tensor& A, const char* op) {
+  TORCH_CHECK(at::isFloatingType(A.scalar_type()), op,
+              ": `A` must be a floating tensor (float64/float32/bfloat16/float16), got ", A.scalar_type());
+}
+
+// ---------------------------------------------------------------- orthonormalisation
+
+// One CholeskyQR round X·L⁻ᵀ with G = XᵀX = L·Lᵀ given; false if the Cholesky fails.
+// X·L⁻ᵀ is a GEMM with the small inverse: a triangular solve against the tall
+// transposed block is several times slower in LAPACK/MKL.
+inline bool cholqr_round(const at::Tensor& X, const at::Tensor& G, const at::Tensor& eye, at::Tensor& out) {
+  auto [L, info] = at::linalg_cholesky_ex(G);
+  if (info.ne(0).any().item<bool>()) return false;
+  out = at::matmul(X, at::linalg_solve_triangular(L, eye, /*upper=*/false).mT());
+  return true;
+}
+
+// ‖G − I‖_max ≤ 1/2: the block is orthonormal enough for one more CholeskyQR
+// round to make it orthonormal to O(u) (the CholeskyQR2 analysis of Yamamoto,
+// Nakatsukasa, Yanagisawa & Fukaya 2015).  NaN fails the test.
+inline bool near_identity(const at::Tensor& G, const at::Tensor& eye) {
+  return (G - eye).abs().amax().item<double>() <= 0.5;
+}
+
+// Orthonormal block Q with range(Q) = range(Y) ⊥ range(Qp) (Qp undefined or
+// empty: plain orthonormalisation), for a batch of tall blocks Y (..., m, b).
+//
+// Block classical Gram–Schmidt twice, each pass followed by a CholeskyQR round
+// (BCGS2 with CholeskyQR; without Qp it is CholeskyQR2 of Yamamoto et al.
+// 2015): per round one b×b Gram GEMM, a b×b Cholesky and one GEMM with its
+// inverse — instead of Householder QR's BLAS-2 panels.  One round leaves an
+// orthogonality error of about u·cond(Y)², fixed by the second round when that
+// is below 1/2, which the second round's Gram matrix tells at no extra cost.
+// Anything else — a failed Cholesky (rank-deficient Y: exactly-low-rank A, a
+// deflated Krylov block) or too much lost orthogonality — falls back to
+// Householder QR of the current block, always orthonormal.  Each check reads
+// one scalar (a sync on CUDA).
+inline at::Tensor orthonormalize_against(at::Tensor Y, const at::Tensor& Qp) {
+  const int64_t b = Y.size(-1);
+  if (b == 0 || Y.size(-2) == 0) return Y.clone();
+  const bool has_qp = Qp.defined() && Qp.size(-1) > 0;
+  auto project = [&](const at::Tensor& X) { return has_qp ? X - at::matmul(Qp, at::matmul(Qp.mT(), X)) : X; };
+  auto householder = [&](const at::Tensor& X) { return project(std::get<0>(at::linalg_qr(X, "reduced"))); };
+  const auto eye = at::eye(b, Y.options());
+  Y = project(Y);
+  at::Tensor Q1;
+  if (!cholqr_round(Y, at::matmul(Y.mT(), Y), eye, Q1)) {
+    // Householder's Q is orthonormal; projected once more it is ⊥ Qp to O(u) too.
+    return householder(Y);
+  }
+  at::Tensor Y2 = project(Q1);
+  at::Tensor G2 = at::matmul(Y2.mT(), Y2);
+  at::Tensor Q;
+  if (!near_identity(G2, eye) || !cholqr_round(Y2, G2, eye, Q)) return householder(Y2);
+  return Q;
+}
+
+inline at::Tensor orthonormalize(const at::Tensor& Y) { return orthonormalize_against(Y, at::Tensor()); }
+
+// ---------------------------------------------------------------- rsvd
+
+inline void check_rsvd(const at::Tensor& A, int64_t rank, int64_t oversample, int64_t n_iter) {
+  const char* op = "lowrank_ops::rsvd";
+  check_float_input(A, op);
+  TORCH_CHECK(A.dim() >= 2, op, ": `A` must have shape (..., m, n), got ", shape_str(A));
+  const int64_t k = std::min(A.size(-2), A.size(-1));
+  TORCH_CHECK(rank >= 1 && rank <= k, op, ": `rank` must satisfy 1 <= rank <= min(m, n) = ", k, " for `A` of shape ",
+              shape_str(A), ", got rank=", rank);
+  TORCH_CHECK(oversample >= 0, op, ": `oversample` must be >= 0, got ", oversample);
+  TORCH_CHECK(n_iter >= 0, op, ": `n_iter` must be >= 0, got ", n_iter);
+}
+
+// Block sizes of the Krylov space (see ops/linalg.py's rsvd docstring for the why).
+struct KrylovPlan {
+  int64_t block;   // b: columns per block
+  int64_t depth;   // d: number of blocks; the space has d·b columns
+};
+
+inline KrylovPlan rsvd_plan(int64_t rank, int64_t oversample, int64_t n_iter) {
+  return {(rank + 1) / 2 + oversample, n_iter + 2};
+}
+
+// Randomized truncated SVD by block Krylov (block Golub–Kahan–Lanczos with full
+// reorthogonalisation): Musco & Musco (2015) Alg. 2's Krylov space
+// K = [AΩ, (AAᵀ)AΩ, …] built as A·P with P an orthonormal basis of
+// [Ω, AᵀAΩ, …, (AᵀA)^{d−1}Ω] and A·P = Q·C, C = QᵀAP upper block-triangular.
+// Rayleigh–Ritz on the pair: A ≈ Q·C·Pᵀ, so the SVD of the small (d·b)² matrix C
+// gives the approximation; every product with A or Aᵀ is used (2d−1 passes).
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> rsvd_impl(const at::Tensor& A_in, int64_t rank,
+                                                                int64_t oversample, int64_t n_iter, int64_t seed) {
+  check_rsvd(A_in, rank, oversample, n_iter);
+  const auto dt = compute_dtype(A_in.scalar_type());
+  const at::Tensor A = A_in.to(dt);
+  const int64_t m = A.size(-2), n = A.size(-1), kmin = std::min(m, n);
+  const auto batch = A.sizes().slice(0, A.dim() - 2);
+  const KrylovPlan plan = rsvd_plan(rank, oversample, n_iter);
+
+  auto truncate = [&](const at::Tensor& U, const at::Tensor& S, const at::Tensor& Vh) {
+    return std::make_tuple(U.narrow(-1, 0, rank).contiguous(), S.narrow(-1, 0, rank).contiguous(),
+                           Vh.narrow(-2, 0, rank).contiguous());
+  };
+  if (plan.block * plan.depth >= kmin || A.numel() == 0) {
+    // The Krylov space would span all of min(m, n): the exact SVD costs no more.
+    auto [U, S, Vh] = at::linalg_svd(A, /*full_matrices=*/false);
+    return truncate(U, S, Vh);
+  }
+
+  // Ω from a CPU generator: the same numbers for a seed on every device.
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(static_cast<uint64_t>(seed));
+  std::vector<int64_t> om_size(batch.begin(), batch.end());
+  om_size.push_back(n);
+  om_size.push_back(plan.block);
+  at::Tensor Omega = at::randn(om_size, gen, at::TensorOptions().dtype(dt)).to(A.device());
+
+  const at::Tensor At = A.mT();
+  const int64_t b = plan.block, L = plan.block * plan.depth;
+  // Bases filled block by block (views of the leading columns, no re-concatenation).
+  std::vector<int64_t> qsize(batch.begin(), batch.end()), psize(batch.begin(), batch.end());
+  qsize.push_back(m);
+  qsize.push_back(L);
+  psize.push_back(n);
+  psize.push_back(L);
+  at::Tensor Qall = at::empty(qsize, A.options()), Pall = at::empty(psize, A.options());
+  at::Tensor AP = at::empty(qsize, A.options());  // A·P_i, kept for C = Qᵀ·A·P
+  Pall.narrow(-1, 0, b).copy_(orthonormalize(Omega));
+  for (int64_t i = 0; i < plan.depth; ++i) {
+    at::Tensor Yi = AP.narrow(-1, i * b, b);
+    at::matmul_out(Yi, A, Pall.narrow(-1, i * b, b));  // pass over A
+    Qall.narrow(-1, i * b, b).copy_(orthonormalize_against(Yi, Qall.narrow(-1, 0, i * b)));
+    if (i + 1 < plan.depth) {  // pass over Aᵀ
+      Pall.narrow(-1, (i + 1) * b, b)
+          .copy_(orthonormalize_against(at::matmul(At, Qall.narrow(-1, i * b, b)), Pall.narrow(-1, 0, (i + 1) * b)));
+    }
+  }
+  at::Tensor C = at::matmul(Qall.mT(), AP);  // L × L, upper block-triangular up to rounding
+  auto [Uc, S, Vch] = at::linalg_svd(C, /*full_matrices=*/false);
+  at::Tensor U = at::matmul(Qall, Uc.narrow(-1, 0, rank));
+  at::Tensor Vh = at::matmul(Vch.narrow(-2, 0, rank), Pall.mT());
+  return std::make_tuple(U.contiguous(), S.narrow(-1, 0, rank).contiguous(), Vh.contiguous());
+}
+
+// ---------------------------------------------------------------- pivoted QR
+
+// Column-pivoted Householder QR (Businger & Golub 1965) in the blocked form of
+// Quintana-Ortí, Sun & Bischof (1998) — the algorithm of LAPACK's xGEQP3/xLAQPS:
+// inside a panel of nb columns the trailing matrix is updated lazily
+// (A_cur = A − V·Fᵀ, F accumulating τ·Aᵀv), so per column only the pivot
+// column and the pivot row are brought up to date (BLAS-2: one Aᵀv), and the
+// trailing matrix gets one GEMM per panel (BLAS-3).  Column norms are
+// downdated, ‖a_c‖² ← ‖a_c‖² − r_{jc}²; when cancellation makes the downdated
+// value unreliable (the test of Drmač & Bujanović 2008, as in LAPACK 3.1+:
+// (1 − (r/ν₁)²)·(ν₁/ν₂)² ≤ √ε) the panel ends early and those norms are
+// recomputed from the updated columns.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> pivoted_qr_impl(const at::Tensor& A_in,
+                                                                      std::optional<int64_t> rank_opt) {
+  const char* op = "lowrank_ops::pivoted_qr";
+  check_float_input(A_in, op);
+  TORCH_CHECK(A_in.dim() == 2, op, ": `A` must have shape (m, n) (batched input is not supported), got ",
+              shape_str(A_in));
+  const int64_t m = A_in.size(0), n = A_in.size(1), kmin = std::min(m, n);
+  int64_t k = kmin;
+  if (rank_opt.has_value()) {
+    const int64_t r = *rank_opt;
+    TORCH_CHECK(r >= 0 && r <= kmin, op, ": `rank` must satisfy 0 <= rank <= min(m, n) = ", kmin,
+                " for `A` of shape ", shape_str(A_in), ", got rank=", r);
+    k = r;
+  }
+  const auto dt = compute_dtype(A_in.scalar_type());
+  const auto opts = A_in.options().dtype(dt);
+  at::Tensor W = A_in.to(dt).contiguous().clone();
+  at::Tensor perm = at::arange(n, A_in.options().dtype(at::kLong));
+  at::Tensor V = at::zeros({m, k}, opts);
+  at::Tensor tau = at::zeros({k}, opts);
+  if (k == 0) {
+    return std::make_tuple(at::zeros({m, 0}, opts), at::zeros({0, n}, opts), perm);
+  }
+  const double tol3z = std::sqrt(dt == at::kDouble ? std::numeric_limits<double>::epsilon()
+                                                   : static_cast<double>(std::numeric_limits<float>::epsilon()));
+  at::Tensor vn1 = at::linalg_vector_norm(W, 2, {0});
+  at::Tensor vn2 = vn1.clone();
+  constexpr int64_t nb = 32;
+
+  auto swap_cols = [](at::Tensor& T, int64_t a, int64_t b) {  // T[:, a] <-> T[:, b]
+    auto tmp = T.select(1, a).clone();
+    T.select(1, a).copy_(T.select(1, b));
+    T.select(1, b).copy_(tmp);
+  };
+  auto swap_entries = [](at::Tensor& t, int64_t a, int64_t b) {
+    auto tmp = t.select(0, a).clone();
+    t.select(0, a).copy_(t.select(0, b));
+    t.select(0, b).copy_(tmp);
+  };
+
+  int64_t j0 = 0;
+  while (j0 < k) {
+    const int64_t jb = std::min(nb, k - j0);
+    const int64_t nt = n - j0;                 // columns j0..n-1 (local index c - j0)
+    at::Tensor F = at::zeros({nt, jb}, opts);  // trailing A_cur = A − V_p·Fᵀ
+    int64_t kb = 0;
+    bool recompute = false;
+    while (kb < jb && !recompute) {
+      const int64_t j = j0 + kb;
+      const int64_t pvt = j + vn1.narrow(0, j, n - j).argmax().item<int64_t>();
+      if (pvt != j) {
+        swap_cols(W, j, pvt);
+        swap_entries(F, j - j0, pvt - j0);
+        swap_entries(perm, j, pvt);
+        vn1.select(0, pvt).copy_(vn1.select(0, j));
+        vn2.select(0, pvt).copy_(vn2.select(0, j));
+      }
+      at::Tensor Vp = V.narrow(1, j0, kb).narrow(0, j, m - j);  // earlier reflectors of this panel, rows j..
+      at::Tensor col = W.select(1, j).narrow(0, j, m - j);
+      if (kb > 0) col.sub_(at::mv(Vp, F.select(0, j - j0).narrow(0, 0, kb)));
+      // Householder reflector H = I − τ·v·vᵀ with H·col = β·e₁ (LAPACK xLARFG's convention).
+      const double alpha = col.select(0, 0).item<double>();
+      const double xnorm = m - j > 1 ? at::linalg_vector_norm(col.narrow(0, 1, m - j - 1), 2).item<double>() : 0.0;
+      at::Tensor v = V.select(1, j).narrow(0, j, m - j);
+      double t = 0.0, beta = alpha;
+      if (xnorm != 0.0) {
+        beta = -std::copysign(std::hypot(alpha, xnorm), alpha);
+        t = (beta - alpha) / beta;
+        v.narrow(0, 1, m - j - 1).copy_(col.narrow(0, 1, m - j - 1)).div_(alpha - beta);
+      }
+      v.select(0, 0).fill_(1.0);
+      tau.select(0, j).fill_(t);
+      col.select(0, 0).fill_(beta);
+      if (j + 1 < n) {
+        // F[:, kb] for the trailing columns j+1..: τ·(A_curᵀ·v) = τ·(Aᵀv − F_p·(V_pᵀv)).
+        at::Tensor Wt = W.narrow(1, j + 1, n - j - 1).narrow(0, j, m - j);
+        at::Tensor fcol = F.select(1, kb).narrow(0, j + 1 - j0, n - j - 1);
+        at::Tensor f = at::mv(Wt.t(), v);
+        if (kb > 0) f.sub_(at::mv(F.narrow(0, j + 1 - j0, n - j - 1).narrow(1, 0, kb), at::mv(Vp.t(), v)));
+        fcol.copy_(f.mul_(t));
+        // Bring row j of the trailing columns up to date: it is row j of R.
+        at::Tensor vrow = V.select(0, j).narrow(0, j0, kb + 1);
+        at::Tensor rowj = W.select(0, j).narrow(0, j + 1, n - j - 1);
+        rowj.sub_(at::mv(F.narrow(0, j + 1 - j0, n - j - 1).narrow(1, 0, kb + 1), vrow));
+        // Downdate the trailing norms.
+        at::Tensor n1 = vn1.narrow(0, j + 1, n - j - 1);
+        at::Tensor n2 = vn2.narrow(0, j + 1, n - j - 1);
+        at::Tensor nz = n1.ne(0);
+        at::Tensor ratio = at::where(nz, rowj.abs() / n1, at::zeros_like(n1));
+        at::Tensor temp = (1 - ratio * ratio).clamp_min(0);
+        at::Tensor temp2 = temp * at::where(nz, (n1 / n2).square(), at::zeros_like(n1));
+        at::Tensor bad = nz.logical_and(temp2 <= tol3z);
+        n1.mul_(at::where(bad, at::ones_like(temp), temp.sqrt()));
+        if (bad.any().item<bool>()) {
+          recompute = true;
+          // Mark with −1; recomputed from the updated columns after the panel's GEMM.
+          n1.masked_fill_(bad, -1.0);
+        }
+      }
+      ++kb;
+    }
+    const int64_t r0 = j0 + kb;
+    if (r0 < m && r0 < n) {
+      // One GEMM brings the rest up to date: A[r0:, r0:] −= V[r0:, panel]·F[r0:, :kb]ᵀ.
+      at::Tensor trail = W.narrow(0, r0, m - r0).narrow(1, r0, n - r0);
+      trail.addmm_(V.narrow(0, r0, m - r0).narrow(1, j0, kb), F.narrow(0, r0 - j0, n - r0).narrow(1, 0, kb).t(),
+                   1.0, -1.0);
+    }
+    if (recompute && r0 < n) {
+      at::Tensor n1 = vn1.narrow(0, r0, n - r0);
+      at::Tensor bad = n1.lt(0);
+      at::Tensor fresh = r0 < m ? at::linalg_vector_norm(W.narrow(0, r0, m - r0).narrow(1, r0, n - r0), 2, {0})
+                                : at::zeros_like(n1);
+      n1.copy_(at::where(bad, fresh, n1));
+      at::Tensor n2 = vn2.narrow(0, r0, n - r0);
+      n2.copy_(at::where(bad, fresh, n2));
+    }
+    j0 = r0;
+  }
+  at::Tensor Q = at::linalg_householder_product(V, tau);
+  at::Tensor R = W.narrow(0, 0, k).triu();
+  return std::make_tuple(Q.contiguous(), R.contiguous(), perm);
+}
+
+}  // namespace linalg_detail
+}  // namespace lowrank_ops
