@@ -84,13 +84,11 @@ inline at::Tensor narrow_rows(const at::Tensor& t, int64_t start, int64_t len) {
 
 // Orthogonal complement of P (..., L, c) against the orthonormal columns of
 // B (..., L, k):  P = B·X + Q·R  with Q (..., L, p) orthonormal and Q ⊥ B,
-// p = min(L, c).  Classical Gram–Schmidt applied twice ("twice is enough",
-// Giraud et al. 2005) so Q stays orthogonal to B to working precision even
-// when P lies almost in span(B) — the case where a single projection loses
-// orthogonality and drift would accumulate over repeated updates.  Householder
-// QR of the residual, then one more projection + QR of Q itself: for a
-// rank-deficient residual Householder fills Q with arbitrary unit vectors,
-// which this makes orthogonal to B as well (their R rows are ~0).
+// p = min(L − k, c).  X by classical Gram–Schmidt applied twice ("twice is
+// enough", Giraud et al. 2005), so the residual E is orthogonal to B to working
+// precision even when P lies almost in span(B); Q from a Householder QR of
+// [B, E], which stays orthonormal and orthogonal to B when E is rank deficient
+// (its R rows are then ~0).
 struct Complement {
   at::Tensor X, Q, R;
 };
@@ -102,8 +100,13 @@ inline Complement orth_complement(const at::Tensor& B, const at::Tensor& P) {
   at::Tensor X2 = at::matmul(Bt, E);
   E = E - at::matmul(B, X2);
   X = X + X2;
-  const int64_t L = P.size(-2), c = P.size(-1);
-  const int64_t p = std::min(L, c);
+  const int64_t L = P.size(-2), c = P.size(-1), k = B.size(-1);
+  // [B, Q] must stay orthonormal, so Q gets at most L − k columns: with k + c > L
+  // (e.g. appending many rows to a short spectrum) a QR of E alone would return
+  // columns inside span(B) whenever E is rank deficient.  Householder QR of [B, E]
+  // with B first gives an orthonormal completion of span(B) exactly; the columns
+  // after the first k are the complement basis.
+  const int64_t p = std::max<int64_t>(std::min(L, k + c) - k, 0);
   if (p == 0) {
     std::vector<int64_t> qs(P.sizes().begin(), P.sizes().end());
     qs.back() = 0;
@@ -112,9 +115,8 @@ inline Complement orth_complement(const at::Tensor& B, const at::Tensor& P) {
     rs.push_back(c);
     return {X, at::zeros(qs, P.options()), at::zeros(rs, P.options())};
   }
-  at::Tensor Q0 = std::get<0>(at::linalg_qr(E, "reduced"));
-  Q0 = Q0 - at::matmul(B, at::matmul(Bt, Q0));
-  at::Tensor Q = std::get<0>(at::linalg_qr(Q0, "reduced"));
+  at::Tensor Qf = std::get<0>(at::linalg_qr(at::cat({B, E}, -1), "reduced"));
+  at::Tensor Q = Qf.narrow(-1, k, p);
   at::Tensor R = at::matmul(Q.mT(), E);
   return {X, Q, R};
 }

@@ -246,3 +246,24 @@ def test_sparse_multithreaded():
         torch.set_num_threads(n)
     check_svd(many, appended64(U, S, Vh, C, 1), 20, torch.float64)
     assert (dense(*many) - dense(*one)).abs().max() <= 1e-12 * S[0]
+
+
+def test_streamed_rows_of_exactly_low_rank_data_wider_than_the_complement():
+    # EVA's use: rows appended to the (k × n) factor I·diag(S)·Vh, with k + c > n and
+    # data of rank 6 < k, so every residual is rank deficient.  The complement basis
+    # must have at most n − k columns and stay orthogonal to Vh, or the singular
+    # vectors lose orthonormality after a few steps and the values blow up.
+    g = torch.Generator().manual_seed(0)
+    n, k, c = 16, 8, 32
+    basis = torch.randn(6, n, generator=g, dtype=torch.float64) * torch.linspace(3, 0.5, 6, dtype=torch.float64)[:, None]
+    blocks = [torch.randn(c, 6, generator=g, dtype=torch.float64) @ basis for _ in range(12)]
+    for dt in (torch.float64, torch.float32):
+        _, S, Vh = torch.linalg.svd(blocks[0].to(dt), full_matrices=False)
+        S, Vh = S[:k], Vh[:k]
+        for C in blocks[1:]:
+            _, S, Vh = linalg.svd_append(torch.eye(k, dtype=dt), S, Vh, C.to(dt), k, dim=0)
+            eye = torch.eye(k, dtype=dt)
+            torch.testing.assert_close(Vh @ Vh.T, eye, atol=1e-4 if dt == torch.float32 else 1e-10, rtol=0)
+        S_all = torch.linalg.svdvals(torch.cat(blocks))[:k]
+        torch.testing.assert_close(S.double(), S_all, rtol=1e-4 if dt == torch.float32 else 1e-10,
+                                   atol=1e-3 if dt == torch.float32 else 1e-9)
