@@ -15,11 +15,14 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+import lowrank_ops
 from lowrank_ops import merge
 from lowrank_ops.cli import main
 from lowrank_ops.merge.engine import read_checkpoint
 
-REPO = Path(__file__).resolve().parents[2]
+# The child process imports lowrank_ops from where this process did: the installed
+# package in CI, or a source tree with a dev build.
+PKG_ROOT = Path(lowrank_ops.__file__).resolve().parents[1]
 NUM_LAYERS = 3
 
 
@@ -225,7 +228,7 @@ def test_killed_run_leaves_nothing(tmp_path, sig):
               for j in range(3)]
     cfg = write_config(tmp_path / "c.yaml", {"merge_method": "lore", "models": [{"model": str(m)} for m in models],
                                              "parameters": {"iters": 200, "mu": 1e-9}})
-    env = dict(os.environ, PYTHONPATH=str(REPO / "python") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ, PYTHONPATH=str(PKG_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     t0 = time.time()
     proc = subprocess.Popen([sys.executable, "-m", "lowrank_ops.cli", "merge", str(cfg), str(tmp_path / "out"),
                              "--no-progress", "--shard-size", "100KB"], env=env, stderr=subprocess.PIPE, text=True)
