@@ -113,6 +113,35 @@ inline KrylovPlan rsvd_plan(int64_t rank, int64_t oversample, int64_t n_iter) {
   return {(rank + 1) / 2 + oversample, n_iter + 2};
 }
 
+// The Gram route for a short dimension: for m ≤ n (else on Aᵀ) the eigenvectors
+// of G = A·Aᵀ (m × m, one wide GEMM) for its c = min(rank + oversample, m) largest
+// eigenvalues give Ũ, then one Rayleigh–Ritz step on the row space:
+// Z = orth(Aᵀ·Ũ), A ≈ (A·Z)·Zᵀ and the SVD of the small m × c matrix A·Z.
+// The Gram matrix in the compute dtype resolves eigen-directions only down to
+// σᵢ² ≈ u·σ₁² (u the unit roundoff); the step through Aᵀ is one subspace
+// iteration (Halko, Martinsson & Tropp 2011, Alg. 4.4 with q = 1 started from Ũ
+// instead of a Gaussian block), which damps what the Gram matrix got wrong by
+// σ_{c+1}/σ_rank, and is exact when rank(A) ≤ c: range(AᵀŨ) ⊆ range(Aᵀ) for any Ũ.
+// Costs 2·m²·n + 4·m·n·c flops in three wide GEMMs — cheaper than the Krylov
+// recurrence once its space would cover a large part of the short side (batches
+// of wide matrices: many small, narrow, sequential products and per-block
+// orthonormalisation there).  Deterministic: no random start block.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> rsvd_gram(const at::Tensor& A, int64_t rank,
+                                                                 int64_t oversample) {
+  if (A.size(-2) > A.size(-1)) {
+    auto [U, S, Vh] = rsvd_gram(A.mT(), rank, oversample);
+    return std::make_tuple(Vh.mT().contiguous(), S, U.mT().contiguous());
+  }
+  const int64_t m = A.size(-2);
+  const int64_t c = std::min(rank + oversample, m);
+  at::Tensor G = at::matmul(A, A.mT());
+  at::Tensor V = std::get<1>(at::linalg_eigh(G));     // eigenvalues ascending
+  at::Tensor Z = orthonormalize(at::matmul(A.mT(), V.narrow(-1, m - c, c)));  // n × c
+  auto [Uw, S, Vwh] = at::linalg_svd(at::matmul(A, Z), /*full_matrices=*/false);  // of the m × c matrix A·Z
+  at::Tensor Vh = at::matmul(Vwh.narrow(-2, 0, rank), Z.mT());
+  return std::make_tuple(Uw.narrow(-1, 0, rank).contiguous(), S.narrow(-1, 0, rank).contiguous(), Vh.contiguous());
+}
+
 // Randomized truncated SVD by block Krylov (block Golub–Kahan–Lanczos with full
 // reorthogonalisation): Musco & Musco (2015) Alg. 2's Krylov space
 // K = [AΩ, (AAᵀ)AΩ, …] built as A·P with P an orthonormal basis of
@@ -136,6 +165,11 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> rsvd_impl(const at::Tensor
     // The Krylov space would span all of min(m, n): the exact SVD costs no more.
     auto [U, S, Vh] = at::linalg_svd(A, /*full_matrices=*/false);
     return truncate(U, S, Vh);
+  }
+
+  if (2 * plan.block * plan.depth >= kmin) {
+    // The Krylov space would cover at least half of min(m, n): the Gram route is cheaper.
+    return rsvd_gram(A, rank, oversample);
   }
 
   // Ω from a CPU generator: the same numbers for a seed on every device.

@@ -172,6 +172,53 @@ def test_full_rank_and_tiny(m, n, rank):
     torch.testing.assert_close(frob_err(A, U, S, Vh), frob_err(A, U0, S0, Vh0), rtol=1e-9, atol=1e-12)
 
 
+# --------------------------------------------------------------------------- the Gram route (short side)
+# When the Krylov space (n_iter+2)·(⌈rank/2⌉+oversample) would cover at least half
+# of min(m, n), rsvd takes the eigenvectors of the short-side Gram matrix and one
+# Rayleigh–Ritz step through the long side.  These shapes are on that route.
+
+
+@pytest.mark.parametrize("dtype", PRECISE)
+@pytest.mark.parametrize("transpose", [False, True])
+def test_gram_route_ill_conditioned_wide(dtype, transpose):
+    """Spectrum falling to 1e-12 (the fp32 Gram matrix cannot resolve its tail): contract holds, factors orthonormal."""
+    s = torch.logspace(0, -12, 96, dtype=torch.float64)
+    A = spectrum_matrix(96, 700, s, dtype=dtype, seed=3)
+    if transpose:
+        A = A.mT
+    m, n = A.shape
+    rank = 30  # block 23, space 92 >= 96/2
+    U, S, Vh = ops.rsvd(A, rank)
+    check_factors(U, S, Vh, m, n, rank, dtype, 1e-10 if dtype == torch.float64 else 1e-4)
+    err, opt = frob_err(A, U, S, Vh), optimal_err(A, rank)
+    assert err <= 1.05 * opt + (1e-6 if dtype == torch.float32 else 1e-13) * torch.linalg.norm(A.double())
+    S_true = torch.linalg.svdvals(A.double())[:rank]
+    assert (S.double() - S_true).abs().max() <= (1e-5 if dtype == torch.float32 else 1e-12)
+
+
+@pytest.mark.parametrize("dtype", PRECISE)
+def test_gram_route_exactly_low_rank(dtype):
+    """Rank-6 wide input, rank 10 asked: exact up to rounding (range(AᵀŨ) ⊆ range(Aᵀ))."""
+    g = torch.Generator().manual_seed(2)
+    A = (torch.randn(40, 6, generator=g, dtype=torch.float64) @ torch.randn(6, 900, generator=g, dtype=torch.float64))
+    A = A.to(dtype)
+    U, S, Vh = ops.rsvd(A, 10)
+    check_factors(U, S, Vh, 40, 900, 10, dtype, 1e-9 if dtype == torch.float64 else 1e-4)
+    rel = frob_err(A, U, S, Vh) / torch.linalg.norm(A.double())
+    assert rel < (1e-12 if dtype == torch.float64 else 1e-6)
+
+
+def test_gram_route_batched_matches_members():
+    """A batch of wide matrices (the LoRA-factor shape) on the Gram route: each member as good as alone."""
+    s = power_law(64, 1.0)
+    A = spectrum_matrix(64, 1000, s, batch=(5,), dtype=torch.float32, seed=4)
+    U, S, Vh = ops.rsvd(A, 16)  # block 16, space 64 >= 64/2
+    check_factors(U, S, Vh, 64, 1000, 16, torch.float32, 1e-4)
+    assert bool((frob_err(A, U, S, Vh) <= 1.001 * optimal_err(A, 16)).all())
+    for i in (0, 4):
+        torch.testing.assert_close(S[i], ops.rsvd(A[i], 16)[1], rtol=1e-5, atol=1e-6)
+
+
 # --------------------------------------------------------------------------- bad input, registration
 
 
