@@ -110,14 +110,8 @@ struct KrylovPlan {
   bool final_pass;  // one more pass, A·Z, for the two-sided Rayleigh–Ritz (n_iter + 2 passes in all)
 };
 
-// Blocks narrower than kMinKrylovBlock columns are widened to it: a GEMM pass over A
-// with so few columns is bound by reading A (measured: flat time up to ~48 columns
-// at 4096², MKL, 1 thread), so the extra columns are nearly free and buy accuracy
-// at small ranks.
-constexpr int64_t kMinKrylovBlock = 40;
-
 inline KrylovPlan rsvd_plan(int64_t rank, int64_t oversample, int64_t n_iter) {
-  return {std::max<int64_t>((3 * rank + 1) / 2 + oversample, kMinKrylovBlock), n_iter / 2 + 1, n_iter % 2 == 1};
+  return {(3 * rank + 1) / 2 + oversample, n_iter / 2 + 1, n_iter % 2 == 1};
 }
 
 // One CholeskyQR round (Householder QR where the Cholesky fails): a basis of
