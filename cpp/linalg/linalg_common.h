@@ -106,19 +106,63 @@ inline void check_rsvd(const at::Tensor& A, int64_t rank, int64_t oversample, in
 // Block sizes of the Krylov space (see ops/linalg.py's rsvd docstring for the why).
 struct KrylovPlan {
   int64_t block;   // b: columns per block
-  int64_t depth;   // d: number of blocks; the space has d·b columns
+  int64_t depth;   // d: number of blocks; the space has d·b columns, 2·d passes over A
+  bool final_pass;  // one more pass, A·Z, for the two-sided Rayleigh–Ritz (n_iter + 2 passes in all)
 };
 
 inline KrylovPlan rsvd_plan(int64_t rank, int64_t oversample, int64_t n_iter) {
-  return {(rank + 1) / 2 + oversample, n_iter + 2};
+  return {(3 * rank + 1) / 2 + oversample, n_iter / 2 + 1, n_iter % 2 == 1};
 }
 
-// Randomized truncated SVD by block Krylov (block Golub–Kahan–Lanczos with full
-// reorthogonalisation): Musco & Musco (2015) Alg. 2's Krylov space
-// K = [AΩ, (AAᵀ)AΩ, …] built as A·P with P an orthonormal basis of
-// [Ω, AᵀAΩ, …, (AᵀA)^{d−1}Ω] and A·P = Q·C, C = QᵀAP upper block-triangular.
-// Rayleigh–Ritz on the pair: A ≈ Q·C·Pᵀ, so the SVD of the small (d·b)² matrix C
-// gives the approximation; every product with A or Aᵀ is used (2d−1 passes).
+// One CholeskyQR round (Householder QR where the Cholesky fails): a basis of
+// range(X) that is well-conditioned, which is all a Krylov start block needs.
+inline at::Tensor well_conditioned_basis(const at::Tensor& X) {
+  at::Tensor out;
+  if (!cholqr_round(X, at::matmul(X.mT(), X), at::eye(X.size(-1), X.options()), out)) {
+    out = std::get<0>(at::linalg_qr(X, "reduced"));
+  }
+  return out;
+}
+
+// The Gram route for a short dimension: for m ≤ n (else on Aᵀ) the eigenvectors
+// of G = A·Aᵀ (m × m, one wide GEMM) for its c = min(rank + oversample, m) largest
+// eigenvalues give Ũ, then one Rayleigh–Ritz step on the row space:
+// Z = orth(Aᵀ·Ũ), A ≈ (A·Z)·Zᵀ and the SVD of the small m × c matrix A·Z.
+// The Gram matrix in the compute dtype resolves eigen-directions only down to
+// σᵢ² ≈ u·σ₁² (u the unit roundoff); the step through Aᵀ is one subspace
+// iteration (Halko, Martinsson & Tropp 2011, Alg. 4.4 with q = 1 started from Ũ
+// instead of a Gaussian block), which damps what the Gram matrix got wrong by
+// σ_{c+1}/σ_rank, and is exact when rank(A) ≤ c: range(AᵀŨ) ⊆ range(Aᵀ) for any Ũ.
+// Costs 2·m²·n + 4·m·n·c flops in three wide GEMMs — cheaper than the Krylov
+// recurrence once its space would cover a large part of the short side (batches
+// of wide matrices: many small, narrow, sequential products and per-block
+// orthonormalisation there).  Deterministic: no random start block.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> rsvd_gram(const at::Tensor& A, int64_t rank,
+                                                                 int64_t oversample) {
+  if (A.size(-2) > A.size(-1)) {
+    auto [U, S, Vh] = rsvd_gram(A.mT(), rank, oversample);
+    return std::make_tuple(Vh.mT().contiguous(), S, U.mT().contiguous());
+  }
+  const int64_t m = A.size(-2);
+  const int64_t c = std::min(rank + oversample, m);
+  at::Tensor G = at::matmul(A, A.mT());
+  at::Tensor V = std::get<1>(at::linalg_eigh(G));     // eigenvalues ascending
+  at::Tensor Z = orthonormalize(at::matmul(A.mT(), V.narrow(-1, m - c, c)));  // n × c
+  auto [Uw, S, Vwh] = at::linalg_svd(at::matmul(A, Z), /*full_matrices=*/false);  // of the m × c matrix A·Z
+  at::Tensor Vh = at::matmul(Vwh.narrow(-2, 0, rank), Z.mT());
+  return std::make_tuple(Uw.narrow(-1, 0, rank).contiguous(), S.narrow(-1, 0, rank).contiguous(), Vh.contiguous());
+}
+
+// Randomized truncated SVD by block Krylov: Musco & Musco (2015) Alg. 2 — the
+// orthonormal basis Q of K = [AΩ, (AAᵀ)AΩ, …, (AAᵀ)^{d−1}AΩ] and A ≈ Q·(QᵀA) —
+// built as a block Lanczos-type recurrence with full reorthogonalisation of Q:
+//   Yᵢ = A·Pᵢ,  Qᵢ = orth(Yᵢ ⊥ Q₀…Qᵢ₋₁),  Wᵢ = Aᵀ·Qᵢ,  Pᵢ₊₁ = (a well-conditioned basis of) Wᵢ.
+// Every product is used twice: the Wᵢ are the rows of QᵀA, so the final
+// Rayleigh–Ritz needs no extra pass — 2d passes over A in all.  The SVD of
+// QᵀA = Wᵀ comes from W = Z·R (Z orthonormal, n × d·b): QᵀA = Rᵀ·Zᵀ and the
+// SVD of the small (d·b)² matrix Rᵀ.
+// Pᵢ only has to be well-conditioned (it is never part of the result), so one
+// CholeskyQR round suffices there; Q is orthonormalised by BCGS2 (see above).
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> rsvd_impl(const at::Tensor& A_in, int64_t rank,
                                                                 int64_t oversample, int64_t n_iter, int64_t seed) {
   check_rsvd(A_in, rank, oversample, n_iter);
@@ -137,38 +181,47 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> rsvd_impl(const at::Tensor
     auto [U, S, Vh] = at::linalg_svd(A, /*full_matrices=*/false);
     return truncate(U, S, Vh);
   }
+  if (2 * plan.block * plan.depth >= kmin) {
+    // The Krylov space would cover at least half of min(m, n): the Gram route is cheaper.
+    return rsvd_gram(A, rank, oversample);
+  }
 
-  // Ω from a CPU generator: the same numbers for a seed on every device.
+  // Ω from a CPU generator: the same numbers for a seed on every device.  A
+  // Gaussian n × b block with b < n/2 is well-conditioned as it is.
   auto gen = at::make_generator<at::CPUGeneratorImpl>(static_cast<uint64_t>(seed));
   std::vector<int64_t> om_size(batch.begin(), batch.end());
   om_size.push_back(n);
   om_size.push_back(plan.block);
-  at::Tensor Omega = at::randn(om_size, gen, at::TensorOptions().dtype(dt)).to(A.device());
+  at::Tensor P = at::randn(om_size, gen, at::TensorOptions().dtype(dt)).to(A.device());
 
   const at::Tensor At = A.mT();
   const int64_t b = plan.block, L = plan.block * plan.depth;
   // Bases filled block by block (views of the leading columns, no re-concatenation).
-  std::vector<int64_t> qsize(batch.begin(), batch.end()), psize(batch.begin(), batch.end());
+  std::vector<int64_t> qsize(batch.begin(), batch.end()), wsize(batch.begin(), batch.end());
   qsize.push_back(m);
   qsize.push_back(L);
-  psize.push_back(n);
-  psize.push_back(L);
-  at::Tensor Qall = at::empty(qsize, A.options()), Pall = at::empty(psize, A.options());
-  at::Tensor AP = at::empty(qsize, A.options());  // A·P_i, kept for C = Qᵀ·A·P
-  Pall.narrow(-1, 0, b).copy_(orthonormalize(Omega));
+  wsize.push_back(n);
+  wsize.push_back(L);
+  at::Tensor Qall = at::empty(qsize, A.options()), Wall = at::empty(wsize, A.options());
   for (int64_t i = 0; i < plan.depth; ++i) {
-    at::Tensor Yi = AP.narrow(-1, i * b, b);
-    at::matmul_out(Yi, A, Pall.narrow(-1, i * b, b));  // pass over A
-    Qall.narrow(-1, i * b, b).copy_(orthonormalize_against(Yi, Qall.narrow(-1, 0, i * b)));
-    if (i + 1 < plan.depth) {  // pass over Aᵀ
-      Pall.narrow(-1, (i + 1) * b, b)
-          .copy_(orthonormalize_against(at::matmul(At, Qall.narrow(-1, i * b, b)), Pall.narrow(-1, 0, (i + 1) * b)));
-    }
+    at::Tensor Y = at::matmul(A, P);  // pass over A
+    Qall.narrow(-1, i * b, b).copy_(orthonormalize_against(Y, Qall.narrow(-1, 0, i * b)));
+    at::Tensor Wi = Wall.narrow(-1, i * b, b);
+    at::matmul_out(Wi, At, Qall.narrow(-1, i * b, b));  // pass over Aᵀ
+    if (i + 1 < plan.depth) P = well_conditioned_basis(Wi);
   }
-  at::Tensor C = at::matmul(Qall.mT(), AP);  // L × L, upper block-triangular up to rounding
-  auto [Uc, S, Vch] = at::linalg_svd(C, /*full_matrices=*/false);
-  at::Tensor U = at::matmul(Qall, Uc.narrow(-1, 0, rank));
-  at::Tensor Vh = at::matmul(Vch.narrow(-2, 0, rank), Pall.mT());
+  at::Tensor Z = orthonormalize(Wall);  // orthonormal basis of the row space of QᵀA
+  if (plan.final_pass) {
+    // A ≈ (A·Z)·Zᵀ, no worse than Q·QᵀA (whose rows lie in range(Z)); SVD of the m × L matrix A·Z.
+    auto [Uy, S, Vyh] = at::linalg_svd(at::matmul(A, Z), /*full_matrices=*/false);
+    at::Tensor Vh = at::matmul(Vyh.narrow(-2, 0, rank), Z.mT());
+    return std::make_tuple(Uy.narrow(-1, 0, rank).contiguous(), S.narrow(-1, 0, rank).contiguous(), Vh.contiguous());
+  }
+  // QᵀA = Wallᵀ = Rᵀ·Zᵀ; SVD of the small Rᵀ.
+  at::Tensor Rt = at::matmul(Wall.mT(), Z);  // (Zᵀ·W)ᵀ, L × L
+  auto [Ur, S, Vrh] = at::linalg_svd(Rt, /*full_matrices=*/false);
+  at::Tensor U = at::matmul(Qall, Ur.narrow(-1, 0, rank));
+  at::Tensor Vh = at::matmul(Vrh.narrow(-2, 0, rank), Z.mT());
   return std::make_tuple(U.contiguous(), S.narrow(-1, 0, rank).contiguous(), Vh.contiguous());
 }
 

@@ -104,8 +104,22 @@ def test_batched_and_noncontiguous():
     torch.testing.assert_close(S[1, 0], S1, rtol=1e-3, atol=1e-6)
 
 
+def test_batched_krylov_route():
+    """Batched and transposed (non-contiguous) input on the Krylov route (2 blocks of 20 < 260/2)."""
+    A = spectrum_matrix(300, 260, power_law(260, 1.0), batch=(2,), dtype=torch.float32, seed=6)
+    for X in (A, A.mT):
+        m, n = X.shape[-2:]
+        U, S, Vh = ops.rsvd(X, 8)
+        check_factors(U, S, Vh, m, n, 8, torch.float32, 1e-4)
+        assert bool((frob_err(X, U, S, Vh) <= 1.05 * optimal_err(X, 8)).all())
+        S1 = ops.rsvd(X[1].contiguous(), 8)[1]
+        torch.testing.assert_close(S[1], S1, rtol=1e-3, atol=1e-6)
+
+
 def test_deterministic_for_a_seed():
-    A = spectrum_matrix(120, 100, power_law(100, 0.5), dtype=torch.float32)
+    # 300 x 260 at rank 8: the Krylov route (2 blocks of 20 columns < 260/2); the
+    # Gram route of shorter matrices draws no random numbers (test_gram_route_*).
+    A = spectrum_matrix(300, 260, power_law(260, 0.5), dtype=torch.float32)
     a = ops.rsvd(A, 8, seed=3)
     b = ops.rsvd(A, 8, seed=3)
     c = ops.rsvd(A, 8, seed=4)
@@ -170,6 +184,62 @@ def test_full_rank_and_tiny(m, n, rank):
     U0, S0, Vh0 = ref.truncated_svd_ref(A, rank)
     torch.testing.assert_close(S, S0, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(frob_err(A, U, S, Vh), frob_err(A, U0, S0, Vh0), rtol=1e-9, atol=1e-12)
+
+
+# --------------------------------------------------------------------------- the Gram route (short side)
+# When the Krylov space (⌊n_iter/2⌋+1)·(⌈3·rank/2⌉+oversample) would cover at least half
+# of min(m, n) (but not all of it), rsvd takes the eigenvectors of the short-side Gram matrix and one
+# Rayleigh–Ritz step through the long side.  These shapes are on that route, which
+# draws no random numbers: the seed-independence checks below confirm the route.
+
+
+def assert_seed_free(A, rank):
+    for x, y in zip(ops.rsvd(A, rank, seed=0), ops.rsvd(A, rank, seed=7)):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("dtype", PRECISE)
+@pytest.mark.parametrize("transpose", [False, True])
+def test_gram_route_ill_conditioned_wide(dtype, transpose):
+    """Spectrum falling to 1e-12 (the fp32 Gram matrix cannot resolve its tail): contract holds, factors orthonormal."""
+    s = torch.logspace(0, -12, 96, dtype=torch.float64)
+    A = spectrum_matrix(96, 700, s, dtype=dtype, seed=3)
+    if transpose:
+        A = A.mT
+    m, n = A.shape
+    rank = 20  # block 38, space 76: 96/2 <= 76 < 96
+    U, S, Vh = ops.rsvd(A, rank)
+    check_factors(U, S, Vh, m, n, rank, dtype, 1e-10 if dtype == torch.float64 else 1e-4)
+    err, opt = frob_err(A, U, S, Vh), optimal_err(A, rank)
+    assert err <= 1.05 * opt + (1e-6 if dtype == torch.float32 else 1e-13) * torch.linalg.norm(A.double())
+    S_true = torch.linalg.svdvals(A.double())[:rank]
+    assert (S.double() - S_true).abs().max() <= (1e-5 if dtype == torch.float32 else 1e-12)
+    assert_seed_free(A, rank)
+
+
+@pytest.mark.parametrize("dtype", PRECISE)
+def test_gram_route_exactly_low_rank(dtype):
+    """Rank-6 wide input, rank 10 asked: exact up to rounding (range(AᵀŨ) ⊆ range(Aᵀ))."""
+    g = torch.Generator().manual_seed(2)
+    A = (torch.randn(60, 6, generator=g, dtype=torch.float64) @ torch.randn(6, 900, generator=g, dtype=torch.float64))
+    A = A.to(dtype)
+    U, S, Vh = ops.rsvd(A, 10)  # block 23, space 46: 60/2 <= 46 < 60
+    assert_seed_free(A, 10)
+    check_factors(U, S, Vh, 60, 900, 10, dtype, 1e-9 if dtype == torch.float64 else 1e-4)
+    rel = frob_err(A, U, S, Vh) / torch.linalg.norm(A.double())
+    assert rel < (1e-12 if dtype == torch.float64 else 1e-6)
+
+
+def test_gram_route_batched_matches_members():
+    """A batch of wide matrices (the LoRA-factor shape) on the Gram route: each member as good as alone."""
+    s = power_law(100, 1.0)
+    A = spectrum_matrix(100, 1000, s, batch=(5,), dtype=torch.float32, seed=4)
+    U, S, Vh = ops.rsvd(A, 16)  # block 32, space 64: 100/2 <= 64 < 100
+    check_factors(U, S, Vh, 100, 1000, 16, torch.float32, 1e-4)
+    assert bool((frob_err(A, U, S, Vh) <= 1.001 * optimal_err(A, 16)).all())
+    for i in (0, 4):
+        torch.testing.assert_close(S[i], ops.rsvd(A[i], 16)[1], rtol=1e-5, atol=1e-6)
+    assert_seed_free(A, 16)
 
 
 # --------------------------------------------------------------------------- bad input, registration
