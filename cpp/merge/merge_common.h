@@ -60,72 +60,123 @@ inline void check_deltas_weights(const at::Tensor& deltas, const at::Tensor& wei
 
 // ---------------------------------------------------------------- CPU selection
 
-// Key (see merge_math.h) of the k-th largest |x| among x[0..n), 1 <= k <= n.
-// Expected O(n) and one streaming pass for large n: a deterministic sample of
-// the keys brackets the answer, one parallel pass counts the keys above the
-// bracket and gathers those inside it, and nth_element finishes on the gathered
-// few percent.  If the bracket misses (improbable), nth_element on a copy of
-// all keys -- still O(n) -- decides.  Exact in every case.
+// Keys (see merge_math.h) of the k-th largest |x| in each of the R rows
+// x[r*n .. r*n+n), 1 <= k <= n, written to out[0..R).  Expected O(R n) and one
+// streaming pass over all rows together for large n:
+//   1. per row, a deterministic sample of kSample keys brackets the answer
+//      [lo, hi] (two nth_element calls on the sample, rows in parallel);
+//   2. ONE parallel pass over (row, chunk) tiles counts the keys above hi and
+//      compacts those inside [lo, hi] -- a branch-free loop (the compaction
+//      writes every key to a small scratch and advances by the in-band flag),
+//      so neither random magnitudes nor the ~2-3 % band rate mispredict;
+//   3. per row, nth_element on the gathered band (rows in parallel).
+// A row whose bracket misses (improbable) falls back to nth_element on a copy
+// of all its keys -- still O(n).  Exact in every case.
 template <typename scalar_t, typename acc_t>
-typename merge_math::MagKey<acc_t>::U kth_largest_key(const scalar_t* x, int64_t n, int64_t k) {
+void kth_largest_keys(const scalar_t* x, int64_t R, int64_t n, int64_t k, typename merge_math::MagKey<acc_t>::U* out) {
   using K = merge_math::MagKey<acc_t>;
   using U = typename K::U;
-  auto key = [x](int64_t i) { return K::of(static_cast<acc_t>(x[i])); };
-  auto full = [&]() {
+  auto full = [&](int64_t r) {
+    const scalar_t* xr = x + r * n;
     std::vector<U> v(n);
     at::parallel_for(0, n, 1 << 16, [&](int64_t b, int64_t e) {
-      for (int64_t i = b; i < e; ++i) v[i] = key(i);
+      for (int64_t i = b; i < e; ++i) v[i] = K::of(static_cast<acc_t>(xr[i]));
     });
     std::nth_element(v.begin(), v.begin() + (k - 1), v.end(), std::greater<U>());
-    return v[k - 1];
+    out[r] = v[k - 1];
   };
   constexpr int64_t kSample = 1 << 14;
-  if (n <= 4 * kSample) return full();
-
-  std::vector<U> smp(kSample);
-  for (int64_t j = 0; j < kSample; ++j) {
-    smp[j] = key(static_cast<int64_t>(merge_math::mix64(static_cast<uint64_t>(j) + 1) % static_cast<uint64_t>(n)));
+  if (n <= 4 * kSample) {
+    for (int64_t r = 0; r < R; ++r) full(r);
+    return;
   }
-  std::sort(smp.begin(), smp.end(), std::greater<U>());
   const double q = static_cast<double>(k) / static_cast<double>(n);
   const double pos = q * kSample;
   const double margin = 4.0 * std::sqrt(kSample * q * (1.0 - q)) + 8.0;
   const int64_t hi_i = static_cast<int64_t>(std::floor(pos - margin));
   const int64_t lo_i = static_cast<int64_t>(std::ceil(pos + margin));
-  const U hi = hi_i < 0 ? K::kNaN : smp[hi_i];
-  const U lo = lo_i >= kSample ? U(0) : smp[lo_i];
-
-  const int64_t chunks = std::min<int64_t>(64, (n + (1 << 16) - 1) >> 16);
-  const int64_t per = (n + chunks - 1) / chunks;
-  std::vector<std::vector<U>> bufs(chunks);
-  std::vector<int64_t> above(chunks, 0);
-  at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
-    for (int64_t c = cb; c < ce; ++c) {
-      const int64_t b = c * per, e = std::min(n, b + per);
-      int64_t a = 0;
-      auto& buf = bufs[c];
-      buf.reserve(static_cast<size_t>((e - b) * (lo_i - hi_i + 16) / kSample + 64));
-      const U span = hi - lo;
-      for (int64_t i = b; i < e; ++i) {
-        const U u = key(i);
-        a += static_cast<int64_t>(u > hi);                  // branch-free: ~q of the keys
-        if (static_cast<U>(u - lo) <= span) buf.push_back(u);  // rare (a few %): predictable
+  std::vector<U> his(R), los(R);
+  at::parallel_for(0, R, 1, [&](int64_t rb, int64_t re) {
+    std::vector<U> smp(kSample);
+    for (int64_t r = rb; r < re; ++r) {
+      const scalar_t* xr = x + r * n;
+      for (int64_t j = 0; j < kSample; ++j) {
+        smp[j] = K::of(static_cast<acc_t>(
+            xr[static_cast<int64_t>(merge_math::mix64(static_cast<uint64_t>(j) + 1) % static_cast<uint64_t>(n))]));
       }
-      above[c] = a;
+      // hi = sample rank hi_i from the top, lo = rank lo_i (descending order).
+      U hi = K::kNaN, lo = U(0);
+      if (lo_i < kSample) {
+        std::nth_element(smp.begin(), smp.begin() + lo_i, smp.end(), std::greater<U>());
+        lo = smp[lo_i];
+      }
+      if (hi_i >= 0) {
+        const auto last = lo_i < kSample ? smp.begin() + lo_i : smp.end();
+        std::nth_element(smp.begin(), smp.begin() + hi_i, last, std::greater<U>());
+        hi = smp[hi_i];
+      }
+      his[r] = hi;
+      los[r] = lo;
     }
   });
-  int64_t n_above = 0, n_in = 0;
-  for (int64_t c = 0; c < chunks; ++c) {
-    n_above += above[c];
-    n_in += static_cast<int64_t>(bufs[c].size());
-  }
-  if (!(n_above < k && k <= n_above + n_in)) return full();
-  std::vector<U> v;
-  v.reserve(n_in);
-  for (auto& b : bufs) v.insert(v.end(), b.begin(), b.end());
-  const int64_t r = k - n_above;  // rank inside the bracket, from the top
-  std::nth_element(v.begin(), v.begin() + (r - 1), v.end(), std::greater<U>());
-  return v[r - 1];
+
+  constexpr int64_t kTile = 1 << 16, kScratch = 2048;
+  const int64_t tiles = (n + kTile - 1) / kTile;
+  std::vector<std::vector<U>> bufs(R * tiles);
+  std::vector<int64_t> above(R * tiles, 0);
+  const int64_t expect = kTile * (lo_i - hi_i + 16) / kSample + 64;
+  at::parallel_for(0, R * tiles, 1, [&](int64_t tb, int64_t te) {
+    alignas(64) U tmp[kScratch];
+    for (int64_t t = tb; t < te; ++t) {
+      const int64_t r = t / tiles, b = (t % tiles) * kTile, e = std::min(n, b + kTile);
+      const scalar_t* xr = x + r * n;
+      const U hi = his[r], lo = los[r], span = hi - lo;
+      auto& buf = bufs[t];
+      buf.reserve(static_cast<size_t>(expect));
+      int64_t a = 0;
+      for (int64_t s0 = b; s0 < e; s0 += kScratch) {
+        const int64_t s1 = std::min(e, s0 + kScratch);
+        int64_t m = 0;
+        for (int64_t i = s0; i < s1; ++i) {
+          const U u = K::of(static_cast<acc_t>(xr[i]));
+          a += static_cast<int64_t>(u > hi);
+          tmp[m] = u;
+          m += static_cast<int64_t>(static_cast<U>(u - lo) <= span);
+        }
+        buf.insert(buf.end(), tmp, tmp + m);
+      }
+      above[t] = a;
+    }
+  });
+  at::parallel_for(0, R, 1, [&](int64_t rb, int64_t re) {
+    for (int64_t r = rb; r < re; ++r) {
+      int64_t n_above = 0, n_in = 0;
+      for (int64_t t = r * tiles; t < (r + 1) * tiles; ++t) {
+        n_above += above[t];
+        n_in += static_cast<int64_t>(bufs[t].size());
+      }
+      if (!(n_above < k && k <= n_above + n_in)) {
+        full(r);  // nested parallel_for runs inline here
+        continue;
+      }
+      std::vector<U> v;
+      v.reserve(n_in);
+      for (int64_t t = r * tiles; t < (r + 1) * tiles; ++t) {
+        v.insert(v.end(), bufs[t].begin(), bufs[t].end());
+        std::vector<U>().swap(bufs[t]);
+      }
+      const int64_t rk = k - n_above;  // rank inside the bracket, from the top
+      std::nth_element(v.begin(), v.begin() + (rk - 1), v.end(), std::greater<U>());
+      out[r] = v[rk - 1];
+    }
+  });
+}
+
+template <typename scalar_t, typename acc_t>
+typename merge_math::MagKey<acc_t>::U kth_largest_key(const scalar_t* x, int64_t n, int64_t k) {
+  typename merge_math::MagKey<acc_t>::U key;
+  kth_largest_keys<scalar_t, acc_t>(x, 1, n, k, &key);
+  return key;
 }
 
 // Threshold key for "keep the top k of n": kNone keeps nothing (k == 0).
@@ -133,6 +184,16 @@ template <typename scalar_t, typename acc_t>
 typename merge_math::MagKey<acc_t>::U keep_key(const scalar_t* x, int64_t n, int64_t k) {
   if (k <= 0) return merge_math::MagKey<acc_t>::kNone;
   return kth_largest_key<scalar_t, acc_t>(x, n, k);
+}
+
+// keep_key for each of the R rows of x (R, n), all rows in one streaming pass.
+template <typename scalar_t, typename acc_t>
+void keep_keys(const scalar_t* x, int64_t R, int64_t n, int64_t k, typename merge_math::MagKey<acc_t>::U* out) {
+  if (k <= 0) {
+    for (int64_t r = 0; r < R; ++r) out[r] = merge_math::MagKey<acc_t>::kNone;
+    return;
+  }
+  kth_largest_keys<scalar_t, acc_t>(x, R, n, k, out);
 }
 
 // ------------------------------------------------------- CPU fused consensus
@@ -158,6 +219,19 @@ inline acc_t keep_or_zero(bool keep, acc_t v) {
   return v;
 }
 
+// c ? a : b on the bit patterns (exact, branch-free).
+template <typename acc_t>
+inline acc_t select_bits(bool c, acc_t a, acc_t b) {
+  using U = typename merge_math::MagKey<acc_t>::U;
+  U ua, ub;
+  std::memcpy(&ua, &a, sizeof(ua));
+  std::memcpy(&ub, &b, sizeof(ub));
+  const U m = U(0) - static_cast<U>(c);
+  ua = (ua & m) | (ub & ~m);
+  std::memcpy(&a, &ua, sizeof(ua));
+  return a;
+}
+
 template <typename scalar_t, typename acc_t, typename ValueFn>
 struct CombineArgs {
   int64_t N, P;
@@ -172,17 +246,21 @@ constexpr int64_t kCombineBlock = 1024;
 
 template <typename scalar_t, typename acc_t, typename ValueFn>
 __attribute__((always_inline)) inline void combine_chunks(const CombineArgs<scalar_t, acc_t, ValueFn>& a, int64_t cb,
-                                                          int64_t ce) {
+                                                          int64_t ce, acc_t* V) {
   constexpr int64_t B = kCombineBlock;
   const ValueFn& value = *a.value;
   alignas(64) acc_t S[B], C[B], num[B], den[B];
   for (int64_t c = cb; c < ce; ++c) {
     const int64_t p0 = c * B, len = std::min(B, a.P - p0);
     for (int64_t j = 0; j < len; ++j) S[j] = C[j] = num[j] = den[j] = acc_t(0);
+    // First sweep: s_i = w_i v_i, computed once per element (the threshold test
+    // or DARE hash is not repeated) and staged in V (N x B, L1/L2-resident).
     for (int64_t i = 0; i < a.N; ++i) {
       const acc_t wi = a.w[i];
+      acc_t* Vi = V + i * B;
       for (int64_t j = 0; j < len; ++j) {
         const acc_t s = wi * value(i, p0 + j);
+        Vi[j] = s;
         S[j] += s;
         C[j] += static_cast<acc_t>(s > acc_t(0)) - static_cast<acc_t>(s < acc_t(0));
       }
@@ -196,17 +274,26 @@ __attribute__((always_inline)) inline void combine_chunks(const CombineArgs<scal
     for (int64_t j = 0; j < len; ++j) C[j] = E[j] >= acc_t(0) ? acc_t(1) : acc_t(-1);
     for (int64_t i = 0; i < a.N; ++i) {
       const acc_t wi = a.w[i];
+      const acc_t* Vi = V + i * B;
       for (int64_t j = 0; j < len; ++j) {
-        const acc_t s = wi * value(i, p0 + j);
+        const acc_t s = Vi[j];
         const bool agree = s * C[j] > acc_t(0);
         num[j] += keep_or_zero<acc_t>(agree, s);
         den[j] += keep_or_zero<acc_t>(agree, wi);
       }
     }
-    for (int64_t j = 0; j < len; ++j) {
-      const acc_t q = (a.normalize && den[j] != acc_t(0)) ? num[j] / den[j] : num[j];
-      a.out[p0 + j] = static_cast<scalar_t>(std::isnan(S[j]) ? S[j] : q);
+    // Branch-free (den == 0 for ~(1-density)^N of the coordinates would
+    // mispredict): num / 1 == num exactly, so divide by den or by 1.
+    // The NaN select is a bit blend, which GCC vectorizes (a ?: on isnan it does not).
+    if (a.normalize) {
+      for (int64_t j = 0; j < len; ++j) {
+        const acc_t dd = den[j] + keep_or_zero<acc_t>(den[j] == acc_t(0), acc_t(1));
+        num[j] = select_bits<acc_t>(S[j] != S[j], S[j], num[j] / dd);
+      }
+    } else {
+      for (int64_t j = 0; j < len; ++j) num[j] = select_bits<acc_t>(S[j] != S[j], S[j], num[j]);
     }
+    for (int64_t j = 0; j < len; ++j) a.out[p0 + j] = static_cast<scalar_t>(num[j]);
   }
 }
 
@@ -214,15 +301,15 @@ __attribute__((always_inline)) inline void combine_chunks(const CombineArgs<scal
 // (SSE2 on x86-64) and for AVX2 (8-wide, 32-bit integer multiplies for DARE's
 // hash), picked at run time.  No FMA: results do not depend on the CPU.
 template <typename scalar_t, typename acc_t, typename ValueFn>
-void combine_chunks_base(const CombineArgs<scalar_t, acc_t, ValueFn>& a, int64_t cb, int64_t ce) {
-  combine_chunks(a, cb, ce);
+void combine_chunks_base(const CombineArgs<scalar_t, acc_t, ValueFn>& a, int64_t cb, int64_t ce, acc_t* V) {
+  combine_chunks(a, cb, ce, V);
 }
 #if defined(__GNUC__) && defined(__x86_64__)
 #define LRO_MERGE_AVX2 1
 template <typename scalar_t, typename acc_t, typename ValueFn>
 __attribute__((target("avx2"))) void combine_chunks_avx2(const CombineArgs<scalar_t, acc_t, ValueFn>& a, int64_t cb,
-                                                         int64_t ce) {
-  combine_chunks(a, cb, ce);
+                                                         int64_t ce, acc_t* V) {
+  combine_chunks(a, cb, ce, V);
 }
 inline bool cpu_has_avx2() {
   static const bool has = __builtin_cpu_supports("avx2");
@@ -243,7 +330,10 @@ void combine_cpu(int64_t N, int64_t P, const std::vector<acc_t>& w, bool consens
   if (cpu_has_avx2()) fn = &combine_chunks_avx2<scalar_t, acc_t, ValueFn>;
 #endif
   at::parallel_for(0, (P + kCombineBlock - 1) / kCombineBlock, 8,
-                   [&](int64_t cb, int64_t ce) { fn(args, cb, ce); });
+                   [&](int64_t cb, int64_t ce) {
+                     std::vector<acc_t> V(static_cast<size_t>(N * kCombineBlock));
+                     fn(args, cb, ce, V.data());
+                   });
 }
 
 template <typename acc_t>
