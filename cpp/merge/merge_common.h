@@ -83,7 +83,10 @@ inline int64_t band_scan(const scalar_t* x, int64_t len, typename merge_math::Ma
   return m;
 }
 
-#if defined(__GNUC__) && defined(__x86_64__)
+// Host-compiler only: nvcc (which includes this header for the checks) never
+// sees the intrinsics.
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(__CUDACC__)
+#define LRO_MERGE_SCAN_AVX2 1
 }  // namespace merge_detail
 }  // namespace lowrank_ops
 #include <immintrin.h>
@@ -197,7 +200,7 @@ void kth_largest_keys(const scalar_t* x, int64_t R, int64_t n, int64_t k, typena
   });
 
   constexpr int64_t kTile = 1 << 16, kScratch = 2048;
-#if defined(__GNUC__) && defined(__x86_64__)
+#ifdef LRO_MERGE_SCAN_AVX2
   const bool vec = std::is_same<scalar_t, float>::value && __builtin_cpu_supports("avx2") &&
                    __builtin_cpu_supports("popcnt");
   const uint64_t* lut = vec ? left_pack_lut() : nullptr;
@@ -218,7 +221,7 @@ void kth_largest_keys(const scalar_t* x, int64_t R, int64_t n, int64_t k, typena
       for (int64_t s0 = b; s0 < e; s0 += kScratch) {
         const int64_t len = std::min(e, s0 + kScratch) - s0;
         int64_t m;
-#if defined(__GNUC__) && defined(__x86_64__)
+#ifdef LRO_MERGE_SCAN_AVX2
         if (vec) {
           m = band_scan_f32_avx2(reinterpret_cast<const float*>(xr + s0), len, static_cast<uint32_t>(lo),
                                  static_cast<uint32_t>(hi), reinterpret_cast<uint32_t*>(tmp), &a, lut);
