@@ -15,6 +15,7 @@
 #include <functional>
 #include <limits>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "merge/merge_math.h"
@@ -60,72 +61,209 @@ inline void check_deltas_weights(const at::Tensor& deltas, const at::Tensor& wei
 
 // ---------------------------------------------------------------- CPU selection
 
-// Key (see merge_math.h) of the k-th largest |x| among x[0..n), 1 <= k <= n.
-// Expected O(n) and one streaming pass for large n: a deterministic sample of
-// the keys brackets the answer, one parallel pass counts the keys above the
-// bracket and gathers those inside it, and nth_element finishes on the gathered
-// few percent.  If the bracket misses (improbable), nth_element on a copy of
-// all keys -- still O(n) -- decides.  Exact in every case.
+// Band scan of the selection pass on x[0..len): returns how many keys are
+// > hi (added to *above) and appends the keys in [lo, hi] to tmp (returns
+// their count).  Generic branch-free loop; fp32 on AVX2 uses the 8-wide
+// version below (left-pack by a 256-entry permutation table).
 template <typename scalar_t, typename acc_t>
-typename merge_math::MagKey<acc_t>::U kth_largest_key(const scalar_t* x, int64_t n, int64_t k) {
+inline int64_t band_scan(const scalar_t* x, int64_t len, typename merge_math::MagKey<acc_t>::U lo,
+                         typename merge_math::MagKey<acc_t>::U hi, typename merge_math::MagKey<acc_t>::U* tmp,
+                         int64_t* above) {
   using K = merge_math::MagKey<acc_t>;
   using U = typename K::U;
-  auto key = [x](int64_t i) { return K::of(static_cast<acc_t>(x[i])); };
-  auto full = [&]() {
+  const U span = hi - lo;
+  int64_t a = 0, m = 0;
+  for (int64_t i = 0; i < len; ++i) {
+    const U u = K::of(static_cast<acc_t>(x[i]));
+    a += static_cast<int64_t>(u > hi);
+    tmp[m] = u;
+    m += static_cast<int64_t>(static_cast<U>(u - lo) <= span);
+  }
+  *above += a;
+  return m;
+}
+
+// Host-compiler only: nvcc (which includes this header for the checks) never
+// sees the intrinsics.
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(__CUDACC__)
+#define LRO_MERGE_SCAN_AVX2 1
+}  // namespace merge_detail
+}  // namespace lowrank_ops
+#include <immintrin.h>
+namespace lowrank_ops {
+namespace merge_detail {
+// lut[mask]: the indices of mask's set bits, packed low-first, one per byte.
+inline const uint64_t* left_pack_lut() {
+  static const std::vector<uint64_t> lut = [] {
+    std::vector<uint64_t> t(256);
+    for (int mask = 0; mask < 256; ++mask) {
+      uint64_t v = 0;
+      int n = 0;
+      for (int b = 0; b < 8; ++b)
+        if (mask >> b & 1) v |= static_cast<uint64_t>(b) << (8 * n++);
+      t[mask] = v;
+    }
+    return t;
+  }();
+  return lut.data();
+}
+
+// fp32 band scan, 8 keys per step.  Keys are < 2^31, so signed compares order
+// them; tmp needs 8 spare slots (each step stores a full vector).
+__attribute__((target("avx2,popcnt"))) inline int64_t band_scan_f32_avx2(const float* x, int64_t len, uint32_t lo,
+                                                                         uint32_t hi, uint32_t* tmp, int64_t* above,
+                                                                         const uint64_t* lut) {
+  using K = merge_math::MagKey<float>;
+  const __m256i absm = _mm256_set1_epi32(0x7FFFFFFF), inf = _mm256_set1_epi32(static_cast<int>(K::kInf)),
+                nan = _mm256_set1_epi32(static_cast<int>(K::kNaN)), vhi = _mm256_set1_epi32(static_cast<int>(hi)),
+                vlo1 = _mm256_set1_epi32(static_cast<int>(lo) - 1);  // lo == 0 -> -1: every key passes
+  __m256i acc = _mm256_setzero_si256();
+  int64_t m = 0, i = 0;
+  for (; i + 8 <= len; i += 8) {
+    __m256i u = _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i)), absm);
+    u = _mm256_blendv_epi8(u, nan, _mm256_cmpgt_epi32(u, inf));
+    const __m256i gt = _mm256_cmpgt_epi32(u, vhi);
+    acc = _mm256_sub_epi32(acc, gt);
+    const __m256i in = _mm256_andnot_si256(gt, _mm256_cmpgt_epi32(u, vlo1));
+    const int mask = _mm256_movemask_ps(_mm256_castsi256_ps(in));
+    const __m256i perm = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(lut + mask)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(tmp + m), _mm256_permutevar8x32_epi32(u, perm));
+    m += __builtin_popcount(static_cast<unsigned>(mask));
+  }
+  alignas(32) int32_t c[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(c), acc);
+  int64_t a = 0;
+  for (int j = 0; j < 8; ++j) a += c[j];
+  *above += a;
+  return m + band_scan<float, float>(x + i, len - i, lo, hi, tmp + m, above);
+}
+#endif
+
+// Keys (see merge_math.h) of the k-th largest |x| in each of the R rows
+// x[r*n .. r*n+n), 1 <= k <= n, written to out[0..R).  Expected O(R n) and one
+// streaming pass over all rows together for large n:
+//   1. per row, a deterministic sample of kSample keys brackets the answer
+//      [lo, hi] (two nth_element calls on the sample, rows in parallel);
+//   2. ONE parallel pass over (row, chunk) tiles counts the keys above hi and
+//      compacts those inside [lo, hi] -- a branch-free loop (the compaction
+//      writes every key to a small scratch and advances by the in-band flag),
+//      so neither random magnitudes nor the ~2-3 % band rate mispredict;
+//   3. per row, nth_element on the gathered band (rows in parallel).
+// A row whose bracket misses (improbable) falls back to nth_element on a copy
+// of all its keys -- still O(n).  Exact in every case.
+template <typename scalar_t, typename acc_t>
+void kth_largest_keys(const scalar_t* x, int64_t R, int64_t n, int64_t k, typename merge_math::MagKey<acc_t>::U* out) {
+  using K = merge_math::MagKey<acc_t>;
+  using U = typename K::U;
+  auto full = [&](int64_t r) {
+    const scalar_t* xr = x + r * n;
     std::vector<U> v(n);
     at::parallel_for(0, n, 1 << 16, [&](int64_t b, int64_t e) {
-      for (int64_t i = b; i < e; ++i) v[i] = key(i);
+      for (int64_t i = b; i < e; ++i) v[i] = K::of(static_cast<acc_t>(xr[i]));
     });
     std::nth_element(v.begin(), v.begin() + (k - 1), v.end(), std::greater<U>());
-    return v[k - 1];
+    out[r] = v[k - 1];
   };
   constexpr int64_t kSample = 1 << 14;
-  if (n <= 4 * kSample) return full();
-
-  std::vector<U> smp(kSample);
-  for (int64_t j = 0; j < kSample; ++j) {
-    smp[j] = key(static_cast<int64_t>(merge_math::mix64(static_cast<uint64_t>(j) + 1) % static_cast<uint64_t>(n)));
+  if (n <= 4 * kSample) {
+    for (int64_t r = 0; r < R; ++r) full(r);
+    return;
   }
-  std::sort(smp.begin(), smp.end(), std::greater<U>());
   const double q = static_cast<double>(k) / static_cast<double>(n);
   const double pos = q * kSample;
   const double margin = 4.0 * std::sqrt(kSample * q * (1.0 - q)) + 8.0;
   const int64_t hi_i = static_cast<int64_t>(std::floor(pos - margin));
   const int64_t lo_i = static_cast<int64_t>(std::ceil(pos + margin));
-  const U hi = hi_i < 0 ? K::kNaN : smp[hi_i];
-  const U lo = lo_i >= kSample ? U(0) : smp[lo_i];
-
-  const int64_t chunks = std::min<int64_t>(64, (n + (1 << 16) - 1) >> 16);
-  const int64_t per = (n + chunks - 1) / chunks;
-  std::vector<std::vector<U>> bufs(chunks);
-  std::vector<int64_t> above(chunks, 0);
-  at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
-    for (int64_t c = cb; c < ce; ++c) {
-      const int64_t b = c * per, e = std::min(n, b + per);
-      int64_t a = 0;
-      auto& buf = bufs[c];
-      buf.reserve(static_cast<size_t>((e - b) * (lo_i - hi_i + 16) / kSample + 64));
-      const U span = hi - lo;
-      for (int64_t i = b; i < e; ++i) {
-        const U u = key(i);
-        a += static_cast<int64_t>(u > hi);                  // branch-free: ~q of the keys
-        if (static_cast<U>(u - lo) <= span) buf.push_back(u);  // rare (a few %): predictable
+  std::vector<U> his(R), los(R);
+  at::parallel_for(0, R, 1, [&](int64_t rb, int64_t re) {
+    std::vector<U> smp(kSample);
+    for (int64_t r = rb; r < re; ++r) {
+      const scalar_t* xr = x + r * n;
+      for (int64_t j = 0; j < kSample; ++j) {
+        smp[j] = K::of(static_cast<acc_t>(
+            xr[static_cast<int64_t>(merge_math::mix64(static_cast<uint64_t>(j) + 1) % static_cast<uint64_t>(n))]));
       }
-      above[c] = a;
+      // hi = sample rank hi_i from the top, lo = rank lo_i (descending order).
+      U hi = K::kNaN, lo = U(0);
+      if (lo_i < kSample) {
+        std::nth_element(smp.begin(), smp.begin() + lo_i, smp.end(), std::greater<U>());
+        lo = smp[lo_i];
+      }
+      if (hi_i >= 0) {
+        const auto last = lo_i < kSample ? smp.begin() + lo_i : smp.end();
+        std::nth_element(smp.begin(), smp.begin() + hi_i, last, std::greater<U>());
+        hi = smp[hi_i];
+      }
+      his[r] = hi;
+      los[r] = lo;
     }
   });
-  int64_t n_above = 0, n_in = 0;
-  for (int64_t c = 0; c < chunks; ++c) {
-    n_above += above[c];
-    n_in += static_cast<int64_t>(bufs[c].size());
-  }
-  if (!(n_above < k && k <= n_above + n_in)) return full();
-  std::vector<U> v;
-  v.reserve(n_in);
-  for (auto& b : bufs) v.insert(v.end(), b.begin(), b.end());
-  const int64_t r = k - n_above;  // rank inside the bracket, from the top
-  std::nth_element(v.begin(), v.begin() + (r - 1), v.end(), std::greater<U>());
-  return v[r - 1];
+
+  constexpr int64_t kTile = 1 << 16, kScratch = 2048;
+#ifdef LRO_MERGE_SCAN_AVX2
+  const bool vec = std::is_same<scalar_t, float>::value && __builtin_cpu_supports("avx2") &&
+                   __builtin_cpu_supports("popcnt");
+  const uint64_t* lut = vec ? left_pack_lut() : nullptr;
+#endif
+  const int64_t tiles = (n + kTile - 1) / kTile;
+  std::vector<std::vector<U>> bufs(R * tiles);
+  std::vector<int64_t> above(R * tiles, 0);
+  const int64_t expect = kTile * (lo_i - hi_i + 16) / kSample + 64;
+  at::parallel_for(0, R * tiles, 1, [&](int64_t tb, int64_t te) {
+    alignas(64) U tmp[kScratch + 8];
+    for (int64_t t = tb; t < te; ++t) {
+      const int64_t r = t / tiles, b = (t % tiles) * kTile, e = std::min(n, b + kTile);
+      const scalar_t* xr = x + r * n;
+      const U hi = his[r], lo = los[r];
+      auto& buf = bufs[t];
+      buf.reserve(static_cast<size_t>(expect));
+      int64_t a = 0;
+      for (int64_t s0 = b; s0 < e; s0 += kScratch) {
+        const int64_t len = std::min(e, s0 + kScratch) - s0;
+        int64_t m;
+#ifdef LRO_MERGE_SCAN_AVX2
+        if (vec) {
+          m = band_scan_f32_avx2(reinterpret_cast<const float*>(xr + s0), len, static_cast<uint32_t>(lo),
+                                 static_cast<uint32_t>(hi), reinterpret_cast<uint32_t*>(tmp), &a, lut);
+        } else
+#endif
+        {
+          m = band_scan<scalar_t, acc_t>(xr + s0, len, lo, hi, tmp, &a);
+        }
+        buf.insert(buf.end(), tmp, tmp + m);
+      }
+      above[t] = a;
+    }
+  });
+  at::parallel_for(0, R, 1, [&](int64_t rb, int64_t re) {
+    for (int64_t r = rb; r < re; ++r) {
+      int64_t n_above = 0, n_in = 0;
+      for (int64_t t = r * tiles; t < (r + 1) * tiles; ++t) {
+        n_above += above[t];
+        n_in += static_cast<int64_t>(bufs[t].size());
+      }
+      if (!(n_above < k && k <= n_above + n_in)) {
+        full(r);  // nested parallel_for runs inline here
+        continue;
+      }
+      std::vector<U> v;
+      v.reserve(n_in);
+      for (int64_t t = r * tiles; t < (r + 1) * tiles; ++t) {
+        v.insert(v.end(), bufs[t].begin(), bufs[t].end());
+        std::vector<U>().swap(bufs[t]);
+      }
+      const int64_t rk = k - n_above;  // rank inside the bracket, from the top
+      std::nth_element(v.begin(), v.begin() + (rk - 1), v.end(), std::greater<U>());
+      out[r] = v[rk - 1];
+    }
+  });
+}
+
+template <typename scalar_t, typename acc_t>
+typename merge_math::MagKey<acc_t>::U kth_largest_key(const scalar_t* x, int64_t n, int64_t k) {
+  typename merge_math::MagKey<acc_t>::U key;
+  kth_largest_keys<scalar_t, acc_t>(x, 1, n, k, &key);
+  return key;
 }
 
 // Threshold key for "keep the top k of n": kNone keeps nothing (k == 0).
@@ -133,6 +271,16 @@ template <typename scalar_t, typename acc_t>
 typename merge_math::MagKey<acc_t>::U keep_key(const scalar_t* x, int64_t n, int64_t k) {
   if (k <= 0) return merge_math::MagKey<acc_t>::kNone;
   return kth_largest_key<scalar_t, acc_t>(x, n, k);
+}
+
+// keep_key for each of the R rows of x (R, n), all rows in one streaming pass.
+template <typename scalar_t, typename acc_t>
+void keep_keys(const scalar_t* x, int64_t R, int64_t n, int64_t k, typename merge_math::MagKey<acc_t>::U* out) {
+  if (k <= 0) {
+    for (int64_t r = 0; r < R; ++r) out[r] = merge_math::MagKey<acc_t>::kNone;
+    return;
+  }
+  kth_largest_keys<scalar_t, acc_t>(x, R, n, k, out);
 }
 
 // ------------------------------------------------------- CPU fused consensus
@@ -158,6 +306,19 @@ inline acc_t keep_or_zero(bool keep, acc_t v) {
   return v;
 }
 
+// c ? a : b on the bit patterns (exact, branch-free).
+template <typename acc_t>
+inline acc_t select_bits(bool c, acc_t a, acc_t b) {
+  using U = typename merge_math::MagKey<acc_t>::U;
+  U ua, ub;
+  std::memcpy(&ua, &a, sizeof(ua));
+  std::memcpy(&ub, &b, sizeof(ub));
+  const U m = U(0) - static_cast<U>(c);
+  ua = (ua & m) | (ub & ~m);
+  std::memcpy(&a, &ua, sizeof(ua));
+  return a;
+}
+
 template <typename scalar_t, typename acc_t, typename ValueFn>
 struct CombineArgs {
   int64_t N, P;
@@ -168,21 +329,32 @@ struct CombineArgs {
   const ValueFn* value;
 };
 
-constexpr int64_t kCombineBlock = 1024;
+// Columns per chunk: each of the N rows is read as one 32 KiB run (fp32), long
+// enough for the hardware prefetchers (4 KiB runs, one page per row, left
+// the loop latency-bound at ~1/3 of streaming speed); the chunk's scratch
+// (N + 4) x B values stays in L2.
+constexpr int64_t kCombineBlock = 8192;
 
 template <typename scalar_t, typename acc_t, typename ValueFn>
 __attribute__((always_inline)) inline void combine_chunks(const CombineArgs<scalar_t, acc_t, ValueFn>& a, int64_t cb,
-                                                          int64_t ce) {
+                                                          int64_t ce, acc_t* V) {
   constexpr int64_t B = kCombineBlock;
   const ValueFn& value = *a.value;
-  alignas(64) acc_t S[B], C[B], num[B], den[B];
+  acc_t* __restrict S = V + a.N * B;
+  acc_t* __restrict C = S + B;
+  acc_t* __restrict num = C + B;
+  acc_t* __restrict den = num + B;
   for (int64_t c = cb; c < ce; ++c) {
     const int64_t p0 = c * B, len = std::min(B, a.P - p0);
     for (int64_t j = 0; j < len; ++j) S[j] = C[j] = num[j] = den[j] = acc_t(0);
+    // First sweep: s_i = w_i v_i, computed once per element (the threshold test
+    // or DARE hash is not repeated) and staged in V (N x B, L1/L2-resident).
     for (int64_t i = 0; i < a.N; ++i) {
       const acc_t wi = a.w[i];
+      acc_t* __restrict Vi = V + i * B;
       for (int64_t j = 0; j < len; ++j) {
         const acc_t s = wi * value(i, p0 + j);
+        Vi[j] = s;
         S[j] += s;
         C[j] += static_cast<acc_t>(s > acc_t(0)) - static_cast<acc_t>(s < acc_t(0));
       }
@@ -196,17 +368,26 @@ __attribute__((always_inline)) inline void combine_chunks(const CombineArgs<scal
     for (int64_t j = 0; j < len; ++j) C[j] = E[j] >= acc_t(0) ? acc_t(1) : acc_t(-1);
     for (int64_t i = 0; i < a.N; ++i) {
       const acc_t wi = a.w[i];
+      const acc_t* __restrict Vi = V + i * B;
       for (int64_t j = 0; j < len; ++j) {
-        const acc_t s = wi * value(i, p0 + j);
+        const acc_t s = Vi[j];
         const bool agree = s * C[j] > acc_t(0);
         num[j] += keep_or_zero<acc_t>(agree, s);
         den[j] += keep_or_zero<acc_t>(agree, wi);
       }
     }
-    for (int64_t j = 0; j < len; ++j) {
-      const acc_t q = (a.normalize && den[j] != acc_t(0)) ? num[j] / den[j] : num[j];
-      a.out[p0 + j] = static_cast<scalar_t>(std::isnan(S[j]) ? S[j] : q);
+    // Branch-free (den == 0 for ~(1-density)^N of the coordinates would
+    // mispredict): num / 1 == num exactly, so divide by den or by 1.
+    // The NaN select is a bit blend, which GCC vectorizes (a ?: on isnan it does not).
+    if (a.normalize) {
+      for (int64_t j = 0; j < len; ++j) {
+        const acc_t dd = den[j] + keep_or_zero<acc_t>(den[j] == acc_t(0), acc_t(1));
+        num[j] = select_bits<acc_t>(S[j] != S[j], S[j], num[j] / dd);
+      }
+    } else {
+      for (int64_t j = 0; j < len; ++j) num[j] = select_bits<acc_t>(S[j] != S[j], S[j], num[j]);
     }
+    for (int64_t j = 0; j < len; ++j) a.out[p0 + j] = static_cast<scalar_t>(num[j]);
   }
 }
 
@@ -214,15 +395,15 @@ __attribute__((always_inline)) inline void combine_chunks(const CombineArgs<scal
 // (SSE2 on x86-64) and for AVX2 (8-wide, 32-bit integer multiplies for DARE's
 // hash), picked at run time.  No FMA: results do not depend on the CPU.
 template <typename scalar_t, typename acc_t, typename ValueFn>
-void combine_chunks_base(const CombineArgs<scalar_t, acc_t, ValueFn>& a, int64_t cb, int64_t ce) {
-  combine_chunks(a, cb, ce);
+void combine_chunks_base(const CombineArgs<scalar_t, acc_t, ValueFn>& a, int64_t cb, int64_t ce, acc_t* V) {
+  combine_chunks(a, cb, ce, V);
 }
 #if defined(__GNUC__) && defined(__x86_64__)
 #define LRO_MERGE_AVX2 1
 template <typename scalar_t, typename acc_t, typename ValueFn>
 __attribute__((target("avx2"))) void combine_chunks_avx2(const CombineArgs<scalar_t, acc_t, ValueFn>& a, int64_t cb,
-                                                         int64_t ce) {
-  combine_chunks(a, cb, ce);
+                                                         int64_t ce, acc_t* V) {
+  combine_chunks(a, cb, ce, V);
 }
 inline bool cpu_has_avx2() {
   static const bool has = __builtin_cpu_supports("avx2");
@@ -242,8 +423,11 @@ void combine_cpu(int64_t N, int64_t P, const std::vector<acc_t>& w, bool consens
 #ifdef LRO_MERGE_AVX2
   if (cpu_has_avx2()) fn = &combine_chunks_avx2<scalar_t, acc_t, ValueFn>;
 #endif
-  at::parallel_for(0, (P + kCombineBlock - 1) / kCombineBlock, 8,
-                   [&](int64_t cb, int64_t ce) { fn(args, cb, ce); });
+  at::parallel_for(0, (P + kCombineBlock - 1) / kCombineBlock, 1,
+                   [&](int64_t cb, int64_t ce) {
+                     std::vector<acc_t> V(static_cast<size_t>((N + 4) * kCombineBlock));
+                     fn(args, cb, ce, V.data());
+                   });
 }
 
 template <typename acc_t>

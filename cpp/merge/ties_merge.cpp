@@ -25,7 +25,7 @@ at::Tensor ties_merge_cpu(const at::Tensor& deltas, const at::Tensor& weights, d
     using U = typename K::U;
     const scalar_t* dp = d.data_ptr<scalar_t>();
     std::vector<U> thr(N);
-    for (int64_t i = 0; i < N; ++i) thr[i] = merge_detail::keep_key<scalar_t, acc_t>(dp + i * P, P, k);
+    merge_detail::keep_keys<scalar_t, acc_t>(dp, N, P, k, thr.data());
     const auto w = merge_detail::weights_vector<acc_t>(weights);
     const U* tp = thr.data();
     auto value = [dp, P, tp](int64_t i, int64_t p) -> acc_t {

@@ -98,3 +98,28 @@ def test_sample_bracket_miss_falls_back_exactly():
     x[pos] = 1e6 + torch.rand(len(pos), dtype=torch.float64)
     for density in (0.05, 0.5, 0.9):
         assert torch.equal(magnitude_threshold(x, density), magnitude_threshold_ref(x, density))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_large_with_specials_vector_band_scan(dtype):
+    # n > 4·2^14 and n % 8 != 0: the sampled-bracket path, whose fp32 band scan runs 8 keys per step
+    # (AVX2) plus a scalar tail.  NaNs with several payloads (one canonical key), ±inf, ±0 and
+    # subnormals must rank exactly as in the reference, with the threshold inside and at the edges.
+    g = torch.Generator().manual_seed(3)
+    n = 70_003
+    x = torch.randn(n, generator=g, dtype=dtype)
+    idx = torch.randperm(n, generator=g)
+    x[idx[:40]] = float("inf")
+    x[idx[40:80]] = float("-inf")
+    x[idx[80:120]] = 0.0
+    x[idx[120:160]] = -0.0
+    x[idx[160:200]] = torch.finfo(dtype).tiny / 4
+    if dtype == torch.float32:
+        payloads = torch.tensor([0x7FC00000, 0x7F800001, 0x7FFFFFFF, -1], dtype=torch.int32)  # -1: sign-set NaN
+        x[idx[200:204]] = payloads.view(torch.float32)
+    else:
+        x[idx[200:204]] = float("nan")
+    assert int(torch.isnan(x).sum()) == 4
+    for density in (1e-5, 4 / n, 50 / n, 1e-3, 0.2, 0.5, 0.997, 1.0):
+        got, ref = magnitude_threshold(x, density), magnitude_threshold_ref(x, density)
+        assert torch.equal(got, ref) or (torch.isnan(got) and torch.isnan(ref)), (density, got, ref)

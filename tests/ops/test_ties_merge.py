@@ -131,3 +131,21 @@ def test_cuda_matches_cpu(dtype):
     gpu = ties_merge(d.cuda(), w.cuda(), 0.2).cpu()
     assert torch.equal(cpu != 0, gpu != 0)  # same thresholds (radix select on the same keys), same election
     _close(gpu, cpu, dtype)
+
+
+def test_rows_select_together_one_bracket_misses():
+    # All N thresholds come from one streaming pass; row 1's deterministic sample
+    # (positions mix64(j + 1) % P, j < 2^14) is made unrepresentative so only its
+    # bracket misses and falls back exactly, while rows 0 and 2 finish from the band.
+    from lowrank_ops.reference.merge import _mix64
+
+    P = 70_001
+    g = torch.Generator().manual_seed(4)
+    d = torch.randn(3, P, generator=g)
+    pos = torch.tensor(sorted({_mix64(j + 1) % P for j in range(1 << 14)}))
+    d[1, pos] = 1e3 + torch.rand(len(pos), generator=g)
+    w = torch.tensor([1.0, 0.6, 1.4])
+    for density in (0.05, 0.5):
+        torch.testing.assert_close(ties_merge(d, w, density), ties_merge_ref(d, w, density), rtol=0, atol=1e-6)
+        torch.testing.assert_close(ties_merge(d.double(), w, density), ties_merge_ref(d.double(), w, density),
+                                   rtol=0, atol=1e-12)
