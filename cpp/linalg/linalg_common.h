@@ -4,6 +4,8 @@
 // on CPU, cuBLAS/cuSOLVER on CUDA); nothing here is a hand-written GEMM.
 #pragma once
 
+#include "common.h"
+
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
 
@@ -17,19 +19,8 @@
 namespace lowrank_ops {
 namespace linalg_detail {
 
-inline std::string shape_str(const at::Tensor& t) {
-  std::string s = "(";
-  for (int64_t i = 0; i < t.dim(); ++i) {
-    if (i) s += ", ";
-    s += std::to_string(t.size(i));
-  }
-  return s + ")";
-}
-
-// fp64 stays fp64; everything else is computed in fp32 (DESIGN §3).
-inline at::ScalarType compute_dtype(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
+using lowrank_ops::shape_str;
+using lowrank_ops::compute_dtype;
 
 inline void check_float_input(const at::Tensor& A, const char* op) {
   TORCH_CHECK(at::isFloatingType(A.scalar_type()), op,

@@ -8,6 +8,8 @@
 // SVD of K and rotates: cost O((m+n)(k+c)² + (k+c)³), never O(m·n).
 #pragma once
 
+#include "common.h"
+
 #include <ATen/TensorOperators.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/cat.h>
@@ -31,14 +33,7 @@ namespace svdupd {
 using SVD = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 using Named = std::pair<const at::Tensor*, const char*>;
 
-inline std::string shape_str(const at::Tensor& t) {
-  std::string s = "(";
-  for (int64_t i = 0; i < t.dim(); ++i) {
-    if (i) s += ", ";
-    s += std::to_string(t.size(i));
-  }
-  return s + ")";
-}
+using lowrank_ops::shape_str;
 
 inline std::string dims_str(at::IntArrayRef d) {
   std::string s = "(";
@@ -74,10 +69,7 @@ inline void check_batch(at::IntArrayRef batch, const at::Tensor& t, int64_t trai
               ", got ", shape_str(t));
 }
 
-// Contract of the linalg family: fp64 in → fp64 compute and out; anything else → fp32.
-inline at::ScalarType compute_dtype(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
+using lowrank_ops::compute_dtype;
 
 inline at::Tensor narrow_last(const at::Tensor& t, int64_t start, int64_t len) { return t.narrow(-1, start, len); }
 inline at::Tensor narrow_rows(const at::Tensor& t, int64_t start, int64_t len) { return t.narrow(-2, start, len); }

@@ -4,6 +4,8 @@
 // elementwise epilogues, which it fuses its own way.
 #pragma once
 
+#include "common.h"
+
 #include <ATen/core/Tensor.h>
 #include <ATen/OpMathType.h>
 #include <ATen/ops/addmm.h>
@@ -23,14 +25,7 @@
 namespace lowrank_ops {
 namespace detail {
 
-inline std::string shape_str(const at::Tensor& t) {
-  std::string s = "(";
-  for (int64_t i = 0; i < t.dim(); ++i) {
-    if (i) s += ", ";
-    s += std::to_string(t.size(i));
-  }
-  return s + ")";
-}
+using lowrank_ops::shape_str;
 
 inline void check_same(const at::Tensor& ref, const at::Tensor& t, const char* op, const char* name) {
   TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": `", name, "` has dtype ", t.scalar_type(),

@@ -12,10 +12,7 @@ at::Tensor dare_merge_cpu(const at::Tensor& deltas, const at::Tensor& weights, d
                           c10::string_view consensus, c10::string_view sign_method, bool normalize) {
   constexpr const char* op = "dare_merge";
   const std::string cons(consensus), method(sign_method);
-  merge_detail::check_deltas_weights(deltas, weights, op);
-  merge_detail::check_density(density, op);
-  TORCH_CHECK(cons == "none" || cons == "ties", op, ": `consensus` must be \"none\" or \"ties\", got \"", cons, "\"");
-  merge_detail::check_sign_method(method, op);
+  merge_detail::check_dare_args(deltas, weights, density, cons, method, op);
   auto d = deltas.contiguous();
   const int64_t N = d.size(0), P = d.size(1);
   at::Tensor out = at::empty({P}, d.options());

@@ -3,6 +3,8 @@
 // per-coordinate consensus loop that TIES and DARE-TIES share.
 #pragma once
 
+#include "common.h"
+
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -24,14 +26,7 @@
 namespace lowrank_ops {
 namespace merge_detail {
 
-inline std::string shape_str(const at::Tensor& t) {
-  std::string s = "(";
-  for (int64_t i = 0; i < t.dim(); ++i) {
-    if (i) s += ", ";
-    s += std::to_string(t.size(i));
-  }
-  return s + ")";
-}
+using lowrank_ops::shape_str;
 
 inline void check_float(const at::Tensor& t, const char* op, const char* name) {
   TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": `", name,
@@ -57,6 +52,44 @@ inline void check_deltas_weights(const at::Tensor& deltas, const at::Tensor& wei
   check_float(weights, op, "weights");
   TORCH_CHECK(weights.device() == deltas.device(), op, ": `weights` is on ", weights.device(), " but `deltas` is on ",
               deltas.device());
+}
+
+// The argument checks of dare_merge, sign_consensus and nm_mask, shared by the
+// CPU and CUDA kernels so both reject the same inputs with the same messages.
+inline void check_dare_args(const at::Tensor& deltas, const at::Tensor& weights, double density,
+                            const std::string& consensus, const std::string& sign_method, const char* op) {
+  check_deltas_weights(deltas, weights, op);
+  check_density(density, op);
+  TORCH_CHECK(consensus == "none" || consensus == "ties", op, ": `consensus` must be \"none\" or \"ties\", got \"",
+              consensus, "\"");
+  check_sign_method(sign_method, op);
+}
+
+inline void check_sign_consensus_args(const at::Tensor& deltas, const OptTensor& weights, double eps,
+                                      const std::string& sign_method, const char* op) {
+  if (weights.has_value()) {
+    check_deltas_weights(deltas, *weights, op);
+  } else {
+    TORCH_CHECK(deltas.dim() == 2, op, ": `deltas` must be (N, P), got shape ", shape_str(deltas));
+    check_float(deltas, op, "deltas");
+  }
+  TORCH_CHECK(eps >= 0.0, op, ": `eps` must be >= 0, got ", eps);
+  check_sign_method(sign_method, op);
+}
+
+inline void check_nm_mask_args(const at::Tensor& x, int64_t n, int64_t m, const OptTensor& forbidden, const char* op) {
+  check_float(x, op, "x");
+  TORCH_CHECK(m >= 1 && n >= 0 && n <= m, op, ": need 0 <= n <= m and m >= 1, got n=", n, ", m=", m);
+  TORCH_CHECK(x.dim() >= 1, op, ": `x` must have at least one dim, got a 0-d tensor");
+  TORCH_CHECK(x.size(-1) % m == 0, op, ": the last dim of `x` (", x.size(-1), ", shape ", shape_str(x),
+              ") must be a multiple of m=", m, "; pad or reshape the tensor first");
+  if (forbidden.has_value()) {
+    TORCH_CHECK(forbidden->scalar_type() == at::kBool, op, ": `forbidden` must be bool, got ", forbidden->scalar_type());
+    TORCH_CHECK(forbidden->sizes() == x.sizes(), op, ": `forbidden` must have x's shape ", shape_str(x),
+                ", got ", shape_str(*forbidden));
+    TORCH_CHECK(forbidden->device() == x.device(), op, ": `forbidden` is on ", forbidden->device(), " but `x` is on ",
+                x.device());
+  }
 }
 
 // ---------------------------------------------------------------- CPU selection

@@ -9,18 +9,7 @@ namespace lowrank_ops {
 
 at::Tensor nm_mask_cpu(const at::Tensor& x, int64_t n, int64_t m, const OptTensor& forbidden) {
   constexpr const char* op = "nm_mask";
-  merge_detail::check_float(x, op, "x");
-  TORCH_CHECK(m >= 1 && n >= 0 && n <= m, op, ": need 0 <= n <= m and m >= 1, got n=", n, ", m=", m);
-  TORCH_CHECK(x.dim() >= 1, op, ": `x` must have at least one dim, got a 0-d tensor");
-  TORCH_CHECK(x.size(-1) % m == 0, op, ": the last dim of `x` (", x.size(-1), ", shape ", merge_detail::shape_str(x),
-              ") must be a multiple of m=", m, "; pad or reshape the tensor first");
-  if (forbidden.has_value()) {
-    TORCH_CHECK(forbidden->scalar_type() == at::kBool, op, ": `forbidden` must be bool, got ", forbidden->scalar_type());
-    TORCH_CHECK(forbidden->sizes() == x.sizes(), op, ": `forbidden` must have x's shape ", merge_detail::shape_str(x),
-                ", got ", merge_detail::shape_str(*forbidden));
-    TORCH_CHECK(forbidden->device() == x.device(), op, ": `forbidden` is on ", forbidden->device(), " but `x` is on ",
-                x.device());
-  }
+  merge_detail::check_nm_mask_args(x, n, m, forbidden, op);
   auto xc = x.contiguous();
   at::Tensor fb = forbidden.has_value() ? forbidden->contiguous() : at::Tensor();
   at::Tensor out = at::empty(x.sizes(), x.options().dtype(at::kBool));

@@ -12,14 +12,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sign_consensus_cpu(const at::Tens
   constexpr const char* op = "sign_consensus";
   const std::string method(sign_method);
   const at::Tensor w_t = weights.has_value() ? *weights : at::Tensor();
-  if (weights.has_value()) {
-    merge_detail::check_deltas_weights(deltas, *weights, op);
-  } else {
-    TORCH_CHECK(deltas.dim() == 2, op, ": `deltas` must be (N, P), got shape ", merge_detail::shape_str(deltas));
-    merge_detail::check_float(deltas, op, "deltas");
-  }
-  TORCH_CHECK(eps >= 0.0, op, ": `eps` must be >= 0, got ", eps);
-  merge_detail::check_sign_method(method, op);
+  merge_detail::check_sign_consensus_args(deltas, weights, eps, method, op);
   auto d = deltas.contiguous();
   const int64_t N = d.size(0), P = d.size(1);
   at::Tensor sign = at::empty({P}, d.options());

@@ -217,10 +217,7 @@ at::Tensor dare_merge_cuda(const at::Tensor& deltas, const at::Tensor& weights, 
                            c10::string_view consensus, c10::string_view sign_method, bool normalize) {
   constexpr const char* op = "dare_merge";
   const std::string cons(consensus), method(sign_method);
-  merge_detail::check_deltas_weights(deltas, weights, op);
-  merge_detail::check_density(density, op);
-  TORCH_CHECK(cons == "none" || cons == "ties", op, ": `consensus` must be \"none\" or \"ties\", got \"", cons, "\"");
-  merge_detail::check_sign_method(method, op);
+  merge_detail::check_dare_args(deltas, weights, density, cons, method, op);
   const c10::cuda::CUDAGuard guard(deltas.device());
   auto d = deltas.contiguous();
   const int64_t N = d.size(0), P = d.size(1);
@@ -247,18 +244,7 @@ at::Tensor dare_merge_cuda(const at::Tensor& deltas, const at::Tensor& weights, 
 
 at::Tensor nm_mask_cuda(const at::Tensor& x, int64_t n, int64_t m, const OptTensor& forbidden) {
   constexpr const char* op = "nm_mask";
-  merge_detail::check_float(x, op, "x");
-  TORCH_CHECK(m >= 1 && n >= 0 && n <= m, op, ": need 0 <= n <= m and m >= 1, got n=", n, ", m=", m);
-  TORCH_CHECK(x.dim() >= 1, op, ": `x` must have at least one dim, got a 0-d tensor");
-  TORCH_CHECK(x.size(-1) % m == 0, op, ": the last dim of `x` (", x.size(-1), ", shape ", merge_detail::shape_str(x),
-              ") must be a multiple of m=", m, "; pad or reshape the tensor first");
-  if (forbidden.has_value()) {
-    TORCH_CHECK(forbidden->scalar_type() == at::kBool, op, ": `forbidden` must be bool, got ", forbidden->scalar_type());
-    TORCH_CHECK(forbidden->sizes() == x.sizes(), op, ": `forbidden` must have x's shape ", merge_detail::shape_str(x),
-                ", got ", merge_detail::shape_str(*forbidden));
-    TORCH_CHECK(forbidden->device() == x.device(), op, ": `forbidden` is on ", forbidden->device(), " but `x` is on ",
-                x.device());
-  }
+  merge_detail::check_nm_mask_args(x, n, m, forbidden, op);
   const c10::cuda::CUDAGuard guard(x.device());
   auto xc = x.contiguous();
   at::Tensor fb = forbidden.has_value() ? forbidden->contiguous() : at::Tensor();
@@ -279,14 +265,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sign_consensus_cuda(const at::Ten
                                                                    double eps, c10::string_view sign_method) {
   constexpr const char* op = "sign_consensus";
   const std::string method(sign_method);
-  if (weights.has_value()) {
-    merge_detail::check_deltas_weights(deltas, *weights, op);
-  } else {
-    TORCH_CHECK(deltas.dim() == 2, op, ": `deltas` must be (N, P), got shape ", merge_detail::shape_str(deltas));
-    merge_detail::check_float(deltas, op, "deltas");
-  }
-  TORCH_CHECK(eps >= 0.0, op, ": `eps` must be >= 0, got ", eps);
-  merge_detail::check_sign_method(method, op);
+  merge_detail::check_sign_consensus_args(deltas, weights, eps, method, op);
   const c10::cuda::CUDAGuard guard(deltas.device());
   auto d = deltas.contiguous();
   const int64_t N = d.size(0), P = d.size(1);
