@@ -253,6 +253,27 @@ def test_killed_run_leaves_nothing(tmp_path, sig):
     _no_leftovers(tmp_path, "out")
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("native", ["converts", "swallows"])
+def test_signal_inside_native_code_still_stops_the_merge(sig, native):
+    # safetensors' reader turns an exception raised by a signal handler during get_tensor into a ValueError of its
+    # own; other native code may swallow it. Either way the merge must stop as interrupted, never as bad input.
+    from lowrank_ops.merge.engine import Terminated, _signals_raise
+
+    expected = KeyboardInterrupt if sig == signal.SIGINT else Terminated
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    with pytest.raises(expected):
+        with _signals_raise() as received:
+            try:
+                os.kill(os.getpid(), sig)
+                time.sleep(1)  # the handler runs here
+            except BaseException as e:
+                if native == "converts":
+                    raise ValueError("could not determine the shape") from e
+            assert received == [sig]
+    assert {s: signal.getsignal(s) for s in before} == before  # the previous handlers are back
+
+
 def test_help_lists_the_flags(capsys):
     with pytest.raises(SystemExit) as e:
         main(["merge", "--help"])

@@ -39,7 +39,7 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional, Union
+from typing import Iterable, Optional, Sequence, Union
 
 import torch
 from safetensors import safe_open
@@ -204,20 +204,40 @@ class ShardWriter:
 
 
 @contextmanager
-def _sigterm_raises():
-    """Turn SIGTERM into :class:`Terminated` while the merge runs (main thread only)."""
+def _signals_raise():
+    """While the merge runs (main thread only), SIGTERM raises :class:`Terminated` and SIGINT raises
+    :class:`KeyboardInterrupt`.  The signal is also recorded: native code (safetensors' reader, for one) may turn
+    the exception raised inside it into an error of its own, so on the way out a recorded signal wins over
+    whatever exception surfaced, and a run whose exception was swallowed is stopped before it publishes."""
+    received: list[int] = []
+
     def handler(signum, frame):
+        received.append(signum)
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
         raise Terminated(f"received signal {signum}")
 
     try:
-        old = signal.signal(signal.SIGTERM, handler)
+        old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
     except ValueError:  # not the main thread
-        yield
+        yield received
         return
     try:
-        yield
+        yield received
+    except BaseException as e:
+        if received and not isinstance(e, (Terminated, KeyboardInterrupt)):
+            raise _signal_exception(received[0]) from e
+        raise
+    else:
+        if received:
+            raise _signal_exception(received[0])
     finally:
-        signal.signal(signal.SIGTERM, old)
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def _signal_exception(signum: int) -> BaseException:
+    return KeyboardInterrupt() if signum == signal.SIGINT else Terminated(f"received signal {signum}")
 
 
 def _floating(dtype: torch.dtype) -> bool:
@@ -310,8 +330,10 @@ def merge_checkpoints(config: Union[MergeConfig, dict, str, os.PathLike], out_di
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
         try:
-            with _sigterm_raises():
-                _run(cfg, base, models, infos, calls, shards, tmp, device, progress, copy_files)
+            with _signals_raise() as received:
+                _run(cfg, base, models, infos, calls, shards, tmp, device, progress, copy_files, received)
+                if received:  # a signal whose exception some native code swallowed: never publish
+                    raise _signal_exception(received[0])
                 _publish(tmp, out)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -345,7 +367,8 @@ def _probe(method, infos, calls, has_base: bool, n: int) -> None:
             raise MergeError(f"merge method {method.name!r} rejects the inputs for tensor {info.name!r}: {e}") from None
 
 
-def _run(cfg, base, models, infos, calls, shards, tmp: Path, device, progress, copy_files) -> None:
+def _run(cfg, base, models, infos, calls, shards, tmp: Path, device, progress, copy_files,
+         received: Sequence[int] = ()) -> None:
     from tqdm.auto import tqdm
 
     method = cfg.method
@@ -361,6 +384,8 @@ def _run(cfg, base, models, infos, calls, shards, tmp: Path, device, progress, c
             writer = ShardWriter(tmp / fname, shard, {"format": "pt", "merge_method": method.name})
             try:
                 for name, shape, dtype in shard:
+                    if received:  # a signal whose exception some native code swallowed
+                        raise _signal_exception(received[0])
                     info, (weights, params) = by_name[name]
                     b = base.read(name).to(device) if base is not None else None
                     ts = [m.read(name).to(device) for m in models]
