@@ -128,11 +128,7 @@ inline void base_plus_lowrank_into(at::Tensor& y, const at::Tensor& x2, const Op
                                    const OptTensor& bias_in_gemm, const at::Tensor& hc, const at::Tensor& up,
                                    double scale) {
   if (weight.has_value()) {
-    if (bias_in_gemm.has_value()) {
-      at::addmm_out(y, *bias_in_gemm, x2, weight->t());
-    } else {
-      at::mm_out(y, x2, weight->t());
-    }
+    few_rows_mm_out(y, x2, weight->t(), bias_in_gemm);
     y.addmm_(hc, up.t(), /*beta=*/1, /*alpha=*/scale);
   } else {
     at::addmm_out(y, y, hc, up.t(), /*beta=*/0, /*alpha=*/scale);
@@ -203,7 +199,8 @@ inline Grads7 lowrank_linear_backward_impl(const at::Tensor& grad, const at::Ten
     if (need_down) gdown = at::mm(gh.t(), x2);
     if (need_x) {
       if (weight.has_value()) {
-        gx = at::mm(gz, *weight);
+        gx = at::empty({s.tokens, s.in}, x.options());
+        few_rows_mm_out(gx, gz, *weight);
         gx.addmm_(gh, down);
       } else {
         gx = at::mm(gh, down);
@@ -386,8 +383,10 @@ inline Tensors3 dora_linear_impl(const at::Tensor& x, const at::Tensor& weight, 
   const int64_t T = s.tokens, r = s.rd;
   const at::Tensor x2 = as_rows(x, T, s.in);
   at::Tensor z, dw;  // z = x·Wᵀ (T, out), dw = down·Wᵀ (r, out)
-  if (T >= r) {
+  if (T >= r || mirror_few_rows_gemm(T + r, weight.t())) {
     // Stacking adds at most T rows to a GEMM that reads W anyway: one pass over W.
+    // (With the mirrored few-rows GEMM, see common.h, even r extra rows on a
+    // handful of tokens cost less than a second pass.)
     at::Tensor xa = at::empty({T + r, s.in}, x.options());
     xa.narrow(0, 0, T).copy_(x2);
     xa.narrow(0, T, r).copy_(down);
@@ -395,7 +394,7 @@ inline Tensors3 dora_linear_impl(const at::Tensor& x, const at::Tensor& weight, 
     if (s.in == 0) {
       za.zero_();
     } else {
-      at::mm_out(za, xa, weight.t());
+      few_rows_mm_out(za, xa, weight.t());
     }
     z = za.narrow(0, 0, T);
     dw = za.narrow(0, T, r);
@@ -406,7 +405,7 @@ inline Tensors3 dora_linear_impl(const at::Tensor& x, const at::Tensor& weight, 
     if (s.in == 0) {
       z.zero_();
     } else {
-      at::mm_out(z, x2, weight.t());
+      few_rows_mm_out(z, x2, weight.t());
     }
     dw = at::mm(down, weight.t());
   }

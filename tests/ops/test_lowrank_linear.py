@@ -152,6 +152,11 @@ FORWARD_CASES = ids(
         ("x_strided_rows", replace(BASE, layout="strided_rows", out_scale=True)),
         ("x_strided_cols", replace(BASE, layout="strided_cols", core="full", ru=4)),
         ("x_permuted_3d", replace(BASE, lead=(2, 5), layout="permuted", core="diag", out_scale=True)),
+        # few tokens, many features: the CPU kernel runs the base GEMM mirrored (cpp/common.h)
+        ("few_rows_T2_mirrored", replace(BASE, lead=(2,), in_=40, out=50)),
+        ("few_rows_T16_mirrored", replace(BASE, lead=(16,), in_=96, out=80, out_scale=True)),
+        ("few_rows_3d_mirrored", replace(BASE, lead=(4, 10), in_=200, out=190, core="diag")),
+        ("few_rows_x_transposed_mirrored", replace(BASE, lead=(24,), in_=100, out=120, layout="transposed")),
     ]
 )
 
@@ -169,6 +174,10 @@ BACKWARD_CASES = ids(
         ("x_transposed", replace(BASE, layout="transposed", core="full", ru=4)),
         ("x_strided_cols", replace(BASE, layout="strided_cols", out_scale=True)),
         ("x_permuted_3d", replace(BASE, lead=(2, 5), layout="permuted", out_scale=True)),
+        # few tokens: forward mirrored; the input gradient mirrored from 16 tokens on (cpp/common.h)
+        ("few_rows_T4", replace(BASE, lead=(4,), in_=40, out=50)),
+        ("few_rows_T16_mirrored", replace(BASE, lead=(16,), in_=96, out=80, out_scale=True)),
+        ("few_rows_3d_mirrored", replace(BASE, lead=(4, 10), in_=200, out=190, core="full", ru=4)),
     ]
 )
 
@@ -224,6 +233,28 @@ def test_large_in_features_rank1(device):
     assert_grads_close_to_ref(
         NAMES, grads(OP, a, g), grads(lowrank_linear_ref, a, g), grads(lowrank_linear_ref, fp64(a), g.double())
     )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("tokens", [1, 2, 16, 300])
+def test_few_rows_gemm_orientation(tokens, dtype):
+    """The CPU forward runs x·Wᵀ as the mirrored W·xᵀ for 2..256 tokens in fp32/fp64 (faster in MKL, see
+    cpp/common.h), the input gradient g·W as Wᵀ·gᵀ from 16 tokens; otherwise (and in bf16) ATen's own orientation.
+    The profiler's recorded aten::mm shapes show which ran; the values are checked by the cases above."""
+    from torch.profiler import profile
+
+    n_in, n_out = 1200, 1300
+    a = make_inputs(replace(BASE, lead=(tokens,), in_=n_in, out=n_out, bias=False), dtype, "cpu")
+    lv = leaves(a, ("x",))
+    with profile(record_shapes=True) as prof:
+        call(OP, lv).backward(torch.ones(tokens, n_out, dtype=dtype))
+    shapes = [e.input_shapes[:2] for e in prof.events() if e.name == "aten::mm"]
+    mirrored = dtype != torch.bfloat16 and 2 <= tokens <= 256
+    assert ([[n_out, n_in], [n_in, tokens]] in shapes) == mirrored, shapes
+    assert ([[tokens, n_in], [n_in, n_out]] in shapes) == (not mirrored), shapes
+    mirrored_bwd = mirrored and tokens >= 16
+    assert ([[n_in, n_out], [n_out, tokens]] in shapes) == mirrored_bwd, shapes
+    assert ([[tokens, n_out], [n_out, n_in]] in shapes) == (not mirrored_bwd), shapes
 
 
 # --------------------------------------------------------------------------- backward

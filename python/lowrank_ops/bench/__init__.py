@@ -73,7 +73,7 @@ class Impl:
     """
 
     name: str
-    role: str  # "ours" | "ref" | "floor"
+    role: str  # "ours" | "ref" | "floor", or another name for an extra row (e.g. "floor_mirror")
     fn: Callable[[], object]
     flops: float
     nbytes: float = 0.0
@@ -282,7 +282,7 @@ def _marks(stream: TextIO) -> tuple:
         return "ok", "FAIL"
 
 
-_COLS = (("case", 17, "<"), ("impl", 6, "<"), ("ms", 10, ">"), ("GFLOP/s", 8, ">"), ("vs ref", 7, ">"),
+_COLS = (("case", 21, "<"), ("impl", 12, "<"), ("ms", 10, ">"), ("GFLOP/s", 8, ">"), ("vs ref", 7, ">"),
          ("vs floor", 8, ">"), ("peak MB", 8, ">"), ("check", 5, "^"))
 
 
@@ -310,6 +310,7 @@ LEGEND = (
     "ms: median per call (one inference, or one forward+backward step) | GFLOP/s: nominal flops of the row's math / time\n"
     "vs ref, vs floor: time ratio this row / that row, < 1 = faster | ref: composed reference, or peft for training\n"
     "floor: frozen base GEMM only (fwd, or fwd + input grad), or one read of W for dora_norm\n"
+    "floor_mirror: the same frozen GEMMs in the orientation our CPU kernels pick for few tokens (W·xᵀ, cpp/common.h)\n"
     "peak MB: peak extra MiB allocated during one step (CPU: torch.profiler memory events; CUDA: max_memory_allocated)\n"
     "check: ours vs ref, max relative error of outputs (and gradients) <= tolerance in the header"
 )
