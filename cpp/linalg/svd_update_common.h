@@ -177,14 +177,15 @@ inline SVD factored_svd_impl(const at::Tensor& B, const at::Tensor& A, const std
 
 // ---------------------------------------------------------------------------- svd_update
 
-// Brand (2006), §2–3: U·S·Vh + P·Qᵀ = [U, Q_P] · K · [V, Q_Q]ᵀ with
-// K = [[S, 0], [0, 0]] + [X_P; R_P]·[X_Q; R_Q]ᵀ  (Brand's Eq. 3 with
-// m = UᵀP, R_a = ‖(I−UUᵀ)P‖ generalised to c columns by QR).
-inline SVD svd_update_impl(const at::Tensor& U, const at::Tensor& S, const at::Tensor& Vh, const at::Tensor& P,
-                           const at::Tensor& Q, int64_t rank) {
-  constexpr const char* op = "svd_update";
+// Checks of a truncated SVD (U, S, Vh) passed in: float dtypes, one device,
+// U (..., m, k), S (..., k), Vh (..., k, n) with the same leading dims.
+struct UsvShapes {
+  int64_t m, n, k;
+};
+
+inline UsvShapes check_usv(const at::Tensor& U, const at::Tensor& S, const at::Tensor& Vh, const char* op) {
   check_float(U, op, "U");
-  for (const Named& a : {Named{&S, "S"}, Named{&Vh, "Vh"}, Named{&P, "P"}, Named{&Q, "Q"}}) {
+  for (const Named& a : {Named{&S, "S"}, Named{&Vh, "Vh"}}) {
     check_float(*a.first, op, a.second);
     check_same(U, "U", *a.first, op, a.second);
   }
@@ -196,7 +197,23 @@ inline SVD svd_update_impl(const at::Tensor& U, const at::Tensor& S, const at::T
               shape_str(U), "), got ", shape_str(S));
   check_batch(batch, Vh, 2, op, "Vh", "(..., k, n)");
   TORCH_CHECK(Vh.size(-2) == k, op, ": `Vh` must have shape (..., k, n) with k = ", k, ", got ", shape_str(Vh));
-  const int64_t n = Vh.size(-1);
+  return {m, Vh.size(-1), k};
+}
+
+
+// Brand (2006), §2–3: U·S·Vh + P·Qᵀ = [U, Q_P] · K · [V, Q_Q]ᵀ with
+// K = [[S, 0], [0, 0]] + [X_P; R_P]·[X_Q; R_Q]ᵀ  (Brand's Eq. 3 with
+// m = UᵀP, R_a = ‖(I−UUᵀ)P‖ generalised to c columns by QR).
+inline SVD svd_update_impl(const at::Tensor& U, const at::Tensor& S, const at::Tensor& Vh, const at::Tensor& P,
+                           const at::Tensor& Q, int64_t rank) {
+  constexpr const char* op = "svd_update";
+  const UsvShapes f = check_usv(U, S, Vh, op);
+  const int64_t m = f.m, n = f.n, k = f.k;
+  for (const Named& a : {Named{&P, "P"}, Named{&Q, "Q"}}) {
+    check_float(*a.first, op, a.second);
+    check_same(U, "U", *a.first, op, a.second);
+  }
+  const auto batch = U.sizes().slice(0, U.dim() - 2);
   check_batch(batch, P, 2, op, "P", "(..., m, c)");
   TORCH_CHECK(P.size(-2) == m, op, ": `P` must have shape (..., m, c) with m = ", m, " (rows of `U`), got ",
               shape_str(P));
@@ -255,20 +272,8 @@ struct AppendShapes {
 
 inline AppendShapes check_append_factors(const at::Tensor& U, const at::Tensor& S, const at::Tensor& Vh,
                                          int64_t dim, const char* op) {
-  check_float(U, op, "U");
-  for (const Named& a : {Named{&S, "S"}, Named{&Vh, "Vh"}}) {
-    check_float(*a.first, op, a.second);
-    check_same(U, "U", *a.first, op, a.second);
-  }
-  TORCH_CHECK(U.dim() >= 2, op, ": `U` must have shape (..., m, k), got ", shape_str(U));
-  const auto batch = U.sizes().slice(0, U.dim() - 2);
-  const int64_t m = U.size(-2), k = U.size(-1);
-  check_batch(batch, S, 1, op, "S", "(..., k)");
-  TORCH_CHECK(S.size(-1) == k, op, ": `S` must have shape (..., k) with k = ", k, " (columns of `U` ",
-              shape_str(U), "), got ", shape_str(S));
-  check_batch(batch, Vh, 2, op, "Vh", "(..., k, n)");
-  TORCH_CHECK(Vh.size(-2) == k, op, ": `Vh` must have shape (..., k, n) with k = ", k, ", got ", shape_str(Vh));
-  return {m, Vh.size(-1), k, normalize_dim(dim, op)};
+  const UsvShapes f = check_usv(U, S, Vh, op);
+  return {f.m, f.n, f.k, normalize_dim(dim, op)};
 }
 
 inline void check_append_rank(const AppendShapes& s, int64_t c, int64_t rank, const char* op) {

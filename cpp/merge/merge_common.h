@@ -54,8 +54,22 @@ inline void check_deltas_weights(const at::Tensor& deltas, const at::Tensor& wei
               deltas.device());
 }
 
-// The argument checks of dare_merge, sign_consensus and nm_mask, shared by the
-// CPU and CUDA kernels so both reject the same inputs with the same messages.
+// The argument checks of ties_merge, dare_merge, sign_consensus and nm_mask, shared
+// by the CPU and CUDA kernels so both reject the same inputs with the same messages.
+inline void check_ties_args(const at::Tensor& deltas, const at::Tensor& weights, double density,
+                            const std::string& sign_method, const char* op) {
+  check_deltas_weights(deltas, weights, op);
+  check_density(density, op);
+  check_sign_method(sign_method, op);
+}
+
+// The three (P,) outputs of sign_consensus on deltas' device: sign (deltas' dtype), support and count (int32).
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> sign_consensus_outputs(const at::Tensor& deltas) {
+  const int64_t P = deltas.size(1);
+  return {at::empty({P}, deltas.options()), at::empty({P}, deltas.options().dtype(at::kInt)),
+          at::empty({P}, deltas.options().dtype(at::kInt))};
+}
+
 inline void check_dare_args(const at::Tensor& deltas, const at::Tensor& weights, double density,
                             const std::string& consensus, const std::string& sign_method, const char* op) {
   check_deltas_weights(deltas, weights, op);

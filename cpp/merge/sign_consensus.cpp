@@ -15,9 +15,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sign_consensus_cpu(const at::Tens
   merge_detail::check_sign_consensus_args(deltas, weights, eps, method, op);
   auto d = deltas.contiguous();
   const int64_t N = d.size(0), P = d.size(1);
-  at::Tensor sign = at::empty({P}, d.options());
-  at::Tensor support = at::empty({P}, d.options().dtype(at::kInt));
-  at::Tensor count = at::empty({P}, d.options().dtype(at::kInt));
+  at::Tensor sign, support, count;
+  std::tie(sign, support, count) = merge_detail::sign_consensus_outputs(d);
   if (P == 0) return {sign, support, count};
   const bool count_method = method == "count";
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, d.scalar_type(), op, [&] {

@@ -11,9 +11,7 @@ at::Tensor ties_merge_cpu(const at::Tensor& deltas, const at::Tensor& weights, d
                           c10::string_view sign_method, bool normalize) {
   constexpr const char* op = "ties_merge";
   const std::string method(sign_method);
-  merge_detail::check_deltas_weights(deltas, weights, op);
-  merge_detail::check_density(density, op);
-  merge_detail::check_sign_method(method, op);
+  merge_detail::check_ties_args(deltas, weights, density, method, op);
   auto d = deltas.contiguous();
   const int64_t N = d.size(0), P = d.size(1);
   at::Tensor out = at::empty({P}, d.options());

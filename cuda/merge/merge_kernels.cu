@@ -186,9 +186,7 @@ at::Tensor ties_merge_cuda(const at::Tensor& deltas, const at::Tensor& weights, 
                            c10::string_view sign_method, bool normalize) {
   constexpr const char* op = "ties_merge";
   const std::string method(sign_method);
-  merge_detail::check_deltas_weights(deltas, weights, op);
-  merge_detail::check_density(density, op);
-  merge_detail::check_sign_method(method, op);
+  merge_detail::check_ties_args(deltas, weights, density, method, op);
   const c10::cuda::CUDAGuard guard(deltas.device());
   auto d = deltas.contiguous();
   const int64_t N = d.size(0), P = d.size(1);
@@ -269,9 +267,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sign_consensus_cuda(const at::Ten
   const c10::cuda::CUDAGuard guard(deltas.device());
   auto d = deltas.contiguous();
   const int64_t N = d.size(0), P = d.size(1);
-  at::Tensor sign = at::empty({P}, d.options());
-  at::Tensor support = at::empty({P}, d.options().dtype(at::kInt));
-  at::Tensor count = at::empty({P}, d.options().dtype(at::kInt));
+  at::Tensor sign, support, count;
+  std::tie(sign, support, count) = merge_detail::sign_consensus_outputs(d);
   if (P == 0) return {sign, support, count};
   const bool dbl = d.scalar_type() == at::kDouble;
   auto stream = c10::cuda::getCurrentCUDAStream();

@@ -16,20 +16,16 @@ density-based masks with ``density = n/m``.
 """
 from __future__ import annotations
 
-from .registry import register
-from .sparsify import apply_delta, disjoint_masks, flat_deltas, global_scale, weights_tensor
+from .registry import register_delta
+from .sparsify import apply_disjoint_masks_
 
 
-@register("cabs", paper="CABS: Conflict-Aware and Balanced Sparsification for Enhancing Model Merging (Yang et al., 2025)",
-          url="https://arxiv.org/abs/2503.01874",
-          params={"n": 1, "m": 4, "density": None, "order": None, "lambda": 1.0})
-def cabs_tensor(base, tensors, weights, *, name="", n=1, m=4, density=None, order=None, **kw):
-    d = flat_deltas(base, tensors)
+@register_delta("cabs", paper="CABS: Conflict-Aware and Balanced Sparsification for Enhancing Model Merging (Yang et al., 2025)",
+                url="https://arxiv.org/abs/2503.01874",
+                params={"n": 1, "m": 4, "density": None, "order": None, "lambda": 1.0})
+def cabs_delta(d, w, *, name, shape, n=1, m=4, density=None, order=None):
     if density is None:
         if n is None or m is None:
             raise ValueError("cabs: give `n` and `m` (n:m masks) or `density`")
         density = n / m
-    masks = disjoint_masks(d, density=float(density), n=n, m=m, order=order, shape=tuple(tensors[0].shape))
-    w = weights_tensor(weights, d)
-    merged = (w[:, None] * (d * masks)).sum(0)
-    return apply_delta(base, merged, tensors[0], global_scale("cabs", kw))
+    return w @ apply_disjoint_masks_(d, density=float(density), n=n, m=m, order=order, shape=shape)

@@ -13,6 +13,11 @@ def elect_sign(deltas: Tensor, weights: Optional[Tensor] = None, sign_method: st
     return ops.sign_consensus(deltas, weights, 0.0, sign_method)[0]
 
 
+#: Columns per chunk where a method runs the consensus op over column slices of the (N, P) deltas to keep
+#: its (P,) temporaries small (the streaming engine's memory bound).
+COLUMN_CHUNK = 1 << 18
+
+
 def unanimous(deltas: Tensor) -> Tensor:
     """Bool ``(P,)``: every model's delta is nonzero and all share one sign (NegMerge's mask)."""
     _, support, _ = ops.sign_consensus(deltas)

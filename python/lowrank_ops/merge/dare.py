@@ -11,29 +11,20 @@ the same on CPU and CUDA.  mergekit defaults (``normalize=False``); mergekit
 from __future__ import annotations
 
 from ..ops import merge as ops
-from .registry import register
-from .sparsify import apply_delta, flat_deltas, global_scale, tensor_seed, weights_tensor
+from .registry import register_delta
+from .sparsify import tensor_seed
 
 _PAPER = "Language Models are Super Mario: Absorbing Abilities from Homologous Models as a Free Lunch (Yu et al., ICML 2024)"
 _URL = "https://arxiv.org/abs/2311.03099"
 
 
-def _dare(base, tensors, weights, name, density, seed, consensus, sign_method, normalize, lam):
-    d = flat_deltas(base, tensors)
-    merged = ops.dare_merge(d, weights_tensor(weights, d), float(density), tensor_seed(seed, name), consensus,
-                            sign_method, bool(normalize))
-    return apply_delta(base, merged, tensors[0], lam)
+@register_delta("dare_linear", paper=_PAPER, url=_URL,
+                params={"density": 0.5, "seed": 0, "normalize": False, "lambda": 1.0})
+def dare_linear_delta(d, w, *, name, shape, density=0.5, seed=0, normalize=False):
+    return ops.dare_merge(d, w, float(density), tensor_seed(seed, name), "none", "sum", bool(normalize))
 
 
-@register("dare_linear", paper=_PAPER, url=_URL,
-          params={"density": 0.5, "seed": 0, "normalize": False, "lambda": 1.0})
-def dare_linear_tensor(base, tensors, weights, *, name="", density=0.5, seed=0, normalize=False, **kw):
-    return _dare(base, tensors, weights, name, density, seed, "none", "sum", normalize, global_scale("dare_linear", kw))
-
-
-@register("dare_ties", paper=_PAPER, url=_URL,
-          params={"density": 0.5, "seed": 0, "sign_method": "sum", "normalize": False, "lambda": 1.0})
-def dare_ties_tensor(base, tensors, weights, *, name="", density=0.5, seed=0, sign_method="sum", normalize=False,
-                     **kw):
-    return _dare(base, tensors, weights, name, density, seed, "ties", sign_method, normalize,
-                 global_scale("dare_ties", kw))
+@register_delta("dare_ties", paper=_PAPER, url=_URL,
+                params={"density": 0.5, "seed": 0, "sign_method": "sum", "normalize": False, "lambda": 1.0})
+def dare_ties_delta(d, w, *, name, shape, density=0.5, seed=0, sign_method="sum", normalize=False):
+    return ops.dare_merge(d, w, float(density), tensor_seed(seed, name), "ties", sign_method, bool(normalize))

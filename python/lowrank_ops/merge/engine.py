@@ -149,6 +149,25 @@ class Checkpoint:
         with safe_open(self.tensors[name].file, framework="pt") as f:
             return f.get_tensor(name)
 
+    def read_flat_into(self, name: str, out: torch.Tensor, chunk_bytes: int = 32 << 20) -> None:
+        """Read tensor ``name`` flattened into ``out`` (``(numel,)``, any dtype and device: converted), in
+        chunks of leading-dim rows of about ``chunk_bytes``, each through a handle of its own, so that besides
+        ``out`` at most one chunk of the tensor is ever resident."""
+        info = self.tensors[name]
+        rows = info.shape[0] if info.shape else 0
+        numel = out.numel()
+        if rows <= 1 or numel * info.dtype.itemsize <= chunk_bytes:
+            out.copy_(self.read(name).reshape(-1))
+            return
+        row = numel // rows
+        per = max(1, chunk_bytes // max(1, row * info.dtype.itemsize))
+        for a in range(0, rows, per):
+            b = min(rows, a + per)
+            with safe_open(info.file, framework="pt") as f:
+                piece = f.get_slice(name)[a:b]
+            out[a * row:b * row].copy_(piece.reshape(-1))
+            del piece
+
     def close(self) -> None:
         """Nothing stays open between reads; kept for symmetry."""
 
@@ -387,17 +406,13 @@ def _run(cfg, base, models, infos, calls, shards, tmp: Path, device, progress, c
                     if received:  # a signal whose exception some native code swallowed
                         raise _signal_exception(received[0])
                     info, (weights, params) = by_name[name]
-                    b = base.read(name).to(device) if base is not None else None
-                    ts = [m.read(name).to(device) for m in models]
-                    if not _floating(info.dtype):
-                        merged = b if b is not None else ts[0]
-                    else:
-                        try:
-                            with owned_inputs():  # b and ts are ours: a method may reuse b's storage
-                                merged = method.merge_tensor(name, b, ts, weights, **params)
-                        except (ValueError, TypeError, RuntimeError) as e:
-                            raise MergeError(f"merge method {method.name!r} failed on tensor {name!r}: {e}") from e
-                    del b, ts
+                    try:
+                        if _floating(info.dtype) and method.delta_fn is not None and base is not None:
+                            merged = _merge_task_vectors(method, name, base, models, weights, params, device)
+                        else:
+                            merged = _merge_read_all(method, name, info, base, models, weights, params, device)
+                    except (ValueError, TypeError, RuntimeError) as e:
+                        raise MergeError(f"merge method {method.name!r} failed on tensor {name!r}: {e}") from e
                     writer.write(name, merged.to(dtype))
                     del merged
                     weight_map[name] = fname
@@ -417,6 +432,39 @@ def _run(cfg, base, models, infos, calls, shards, tmp: Path, device, progress, c
         origin = (tok if fname != "config.json" and fname != "generation_config.json" else src) / fname
         if origin.is_file():
             shutil.copyfile(origin, tmp / fname)
+
+
+def _merge_read_all(method, name, info, base, models, weights, params, device) -> torch.Tensor:
+    """Any method: read the base and every model's tensor, merge.  N + 1 tensors plus the method's workspace."""
+    b = base.read(name).to(device) if base is not None else None
+    ts = [m.read(name).to(device) for m in models]
+    if not _floating(info.dtype):
+        return b if b is not None else ts[0]
+    with owned_inputs():  # b and ts are ours: a method may reuse b's storage
+        return method.merge_tensor(name, b, ts, weights, **params)
+
+
+def _merge_task_vectors(method, name, base, models, weights, params, device) -> torch.Tensor:
+    """A task-vector method (``θ_base + λ·f(τ)``, :func:`register_delta`) in N + 1 tensors: the stacked
+    deltas are filled one model at a time, chunk by chunk, against the base; the base is dropped while ``f``
+    runs (the deltas and ``f``'s output are the N + 1) and read again to add ``λ·f(τ)``.  Bit-identical to
+    the per-tensor form (the same fp32/fp64 subtraction, scale and sum)."""
+    first = models[0].tensors[name]
+    shape, like = first.shape, first.dtype
+    wd = torch.float64 if like == torch.float64 else torch.float32
+    b = base.read(name).to(device=device, dtype=wd).reshape(-1)
+    deltas = torch.empty((len(models), b.numel()), dtype=wd, device=device)
+    for i, m in enumerate(models):
+        m.read_flat_into(name, deltas[i])
+        deltas[i].sub_(b)
+    del b
+    merged, lam = method.merged_delta(name, deltas, weights, shape, **params)
+    del deltas
+    out = merged.reshape(shape)
+    if lam != 1:
+        out.mul_(lam)
+    out.add_(base.read(name).to(device=device, dtype=out.dtype))
+    return out.to(like)
 
 
 def _publish(tmp: Path, out: Path) -> None:

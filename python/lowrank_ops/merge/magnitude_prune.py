@@ -7,13 +7,11 @@ TIES, Yadav et al. 2023, without the sign election).
 from __future__ import annotations
 
 from ..ops import merge as ops
-from .registry import register
-from .sparsify import apply_delta, flat_deltas, global_scale, magnitude_rows, weights_tensor
+from .registry import register_delta
+from .sparsify import magnitude_rows_
 
 
-@register("magnitude_prune", paper="TIES-Merging (Yadav et al., NeurIPS 2023), trim step + task arithmetic",
-          url="https://arxiv.org/abs/2306.01708", params={"density": 0.2, "normalize": False, "lambda": 1.0})
-def magnitude_prune_tensor(base, tensors, weights, *, name="", density=0.2, normalize=False, **kw):
-    d = magnitude_rows(flat_deltas(base, tensors), float(density))
-    merged = ops.dare_merge(d, weights_tensor(weights, d), 1.0, 0, "none", "sum", bool(normalize))
-    return apply_delta(base, merged, tensors[0], global_scale("magnitude_prune", kw))
+@register_delta("magnitude_prune", paper="TIES-Merging (Yadav et al., NeurIPS 2023), trim step + task arithmetic",
+                url="https://arxiv.org/abs/2306.01708", params={"density": 0.2, "normalize": False, "lambda": 1.0})
+def magnitude_prune_delta(d, w, *, name, shape, density=0.2, normalize=False):
+    return ops.dare_merge(magnitude_rows_(d, float(density)), w, 1.0, 0, "none", "sum", bool(normalize))

@@ -10,18 +10,17 @@ from __future__ import annotations
 
 import torch
 
-from .consensus import unanimous
-from .registry import register
-from .sparsify import apply_delta, flat_deltas, global_scale, weights_tensor
+from .consensus import COLUMN_CHUNK, unanimous
+from .registry import register_delta
 
 
-@register("negmerge", paper="NegMerge: Sign-Consensual Weight Merging for Machine Unlearning (Kim et al., ICML 2025)",
-          url="https://arxiv.org/abs/2410.05583", params={"lambda": 1.0})
-def negmerge_tensor(base, tensors, weights, *, name="", **kw):
-    d = flat_deltas(base, tensors)
-    w = weights_tensor(weights, d)
-    keep = unanimous(d)
-    ws = w.sum()
-    mean = (w[:, None] * d).sum(0) / (ws if float(ws) != 0 else 1.0)
-    tau = torch.where(keep, mean, torch.zeros((), dtype=d.dtype, device=d.device))
-    return apply_delta(base, tau, tensors[0], -global_scale("negmerge", kw))
+@register_delta("negmerge", paper="NegMerge: Sign-Consensual Weight Merging for Machine Unlearning (Kim et al., ICML 2025)",
+                url="https://arxiv.org/abs/2410.05583", params={"lambda": 1.0}, sign=-1.0)
+def negmerge_delta(d, w, *, name, shape):
+    ws = float(w.sum())
+    out = torch.empty(d.shape[1], dtype=d.dtype, device=d.device)
+    for a in range(0, d.shape[1], COLUMN_CHUNK):  # column chunks: the consensus op's outputs stay small
+        dc = d[:, a:a + COLUMN_CHUNK]
+        torch.mv(dc.t(), w, out=out[a:a + COLUMN_CHUNK])
+        out[a:a + COLUMN_CHUNK].div_(ws if ws != 0 else 1.0).masked_fill_(unanimous(dc).logical_not_(), 0)
+    return out

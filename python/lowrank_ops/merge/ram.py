@@ -13,26 +13,36 @@ from __future__ import annotations
 
 import torch
 
-from .consensus import support_count
-from .registry import register
-from .sparsify import apply_delta, flat_deltas, global_scale, weights_tensor
+from .consensus import COLUMN_CHUNK, support_count
+from .registry import register_delta
 
 
-@register("ram", paper="Behavior Knowledge Merge in Reinforced Agentic Models (RAM, 2026)",
-          url="https://arxiv.org/abs/2601.13572", params={"epsilon": 1e-5, "r": 0.0, "alpha": 0.2, "lambda": 1.0})
-def ram_tensor(base, tensors, weights, *, name="", epsilon=1e-5, r=0.0, alpha=0.2, **kw):
-    d = flat_deltas(base, tensors)
-    w = weights_tensor(weights, d)
-    count = support_count(d, float(epsilon))
-    on = d.abs() > epsilon
-    dz = torch.where(on, d * w[:, None], torch.zeros((), dtype=d.dtype))
-    unique = (count == 1)[None, :]
-    shared = (count > 1)[None, :]
-    scale = torch.ones(d.shape[0], 1, dtype=d.dtype, device=d.device)
-    if r:
-        n_shared = (on & shared).sum(1).to(d.dtype)
-        n_unique = (on & unique).sum(1).to(d.dtype)
-        rho = n_shared / n_unique.clamp(min=float(epsilon))
-        scale = (1 + r * rho.clamp(0, alpha))[:, None]
-    merged = (dz * unique * scale).sum(0) + (dz * shared).sum(0) / count.clamp(min=1).to(d.dtype)
-    return apply_delta(base, merged, tensors[0], global_scale("ram", kw))
+@register_delta("ram", paper="Behavior Knowledge Merge in Reinforced Agentic Models (RAM, 2026)",
+                url="https://arxiv.org/abs/2601.13572", params={"epsilon": 1e-5, "r": 0.0, "alpha": 0.2, "lambda": 1.0})
+def ram_delta(d, w, *, name, shape, epsilon=1e-5, r=0.0, alpha=0.2):
+    N, P = d.shape
+    eps = float(epsilon)
+    scale = torch.ones(N, dtype=d.dtype, device=d.device)
+    if r:  # RAM+: per model, its shared / unique contribution counts over the whole tensor (a first pass)
+        n_shared = torch.zeros(N, dtype=torch.float64, device=d.device)
+        n_unique = torch.zeros(N, dtype=torch.float64, device=d.device)
+        for a in range(0, P, COLUMN_CHUNK):
+            dc = d[:, a:a + COLUMN_CHUNK]
+            count = support_count(dc, eps)
+            on = dc.abs() > eps
+            n_shared += (on & (count > 1)).sum(1)
+            n_unique += (on & (count == 1)).sum(1)
+        rho = (n_shared / n_unique.clamp(min=eps)).to(d.dtype)
+        scale = 1 + r * rho.clamp(0, alpha)
+    out = torch.empty(P, dtype=d.dtype, device=d.device)
+    ws = w * scale
+    for a in range(0, P, COLUMN_CHUNK):  # column chunks: every temporary is (N, chunk) or (chunk,)
+        dc = d[:, a:a + COLUMN_CHUNK]
+        count = support_count(dc, eps)
+        dz = torch.where(dc.abs() > eps, dc, torch.zeros((), dtype=d.dtype, device=d.device))  # NaN: no contribution
+        shared = count > 1
+        # unique entries: w_t τ_t times RAM+'s per-model scale; shared ones: Σ_t w_t τ_t / |S_p|
+        oc = torch.mv(dz.t(), ws, out=out[a:a + COLUMN_CHUNK])
+        if bool(shared.any()):
+            oc.copy_(torch.where(shared, torch.mv(dz.t(), w).div_(count.clamp(min=1).to(d.dtype)), oc))
+    return out

@@ -37,10 +37,34 @@ class MergeMethod:
     needs_base: bool = True
     params: dict = field(default_factory=dict)
     state_fn: Optional[Callable] = None
+    delta_fn: Optional[Callable] = None  # methods θ = θ_base + λ·f(τ_1..τ_N) only, see register_delta
+    delta_sign: float = 1.0
 
     @property
     def streamable(self) -> bool:
         return self.tensor_fn is not None
+
+    def merged_delta(self, name: str, deltas: Tensor, weights: Optional[Sequence[float]], shape: tuple,
+                     **params) -> tuple[Tensor, float]:
+        """``(f(τ), λ)`` of a :func:`register_delta` method: ``f`` on the stacked ``(N, P)`` task vectors
+        ``deltas`` (work dtype; the method may overwrite them) and the signed global scale, so that the merged
+        tensor is ``θ_base + λ·f(τ)`` reshaped to ``shape``.  The streaming engine builds ``deltas`` one model at
+        a time and applies ``λ`` itself, which keeps peak memory at N + 1 tensors."""
+        if self.delta_fn is None:
+            raise ValueError(f"merge method {self.name!r} is not a task-vector method")
+        from .sparsify import weights_tensor
+
+        n = deltas.shape[0]
+        w = [1.0] * n if weights is None else [float(x) for x in weights]
+        if len(w) != n:
+            raise ValueError(f"merge method {self.name!r}: {len(w)} weights for {n} models")
+        p = {**self.params, **params}
+        extra = sorted(set(p) - set(self.params))
+        if extra:
+            raise TypeError(f"merge method {self.name!r}: unknown parameter(s) {extra}")
+        lam = float(p.pop("lambda", 1.0)) * self.delta_sign
+        merged = self.delta_fn(deltas, weights_tensor(w, deltas), name=name, shape=tuple(shape), **p)
+        return merged, lam
 
     def merge_tensor(self, name: str, base: Optional[Tensor], tensors: Sequence[Tensor],
                      weights: Optional[Sequence[float]] = None, **params) -> Tensor:
@@ -94,6 +118,35 @@ def register(name: str, *, paper: str, url: str, needs_base: bool = True, params
         m = MergeMethod(name, None if state_fn is not None else fn, paper, url, needs_base, dict(params or {}), state_fn)
         METHODS[name] = m
         return m
+    return deco
+
+
+def register_delta(name: str, *, paper: str, url: str, params: Optional[dict] = None, sign: float = 1.0):
+    """Decorator for a task-vector method ``θ = θ_base + sign·λ·f(τ_1, ..., τ_N)``, ``τ_i = θ_i − θ_base``.
+
+    The decorated ``f(deltas, w, *, name, shape, **params) -> (P,)`` takes the stacked ``(N, P)`` task vectors
+    (flattened, in the work dtype: fp64 stays fp64, else fp32; ``f`` may overwrite them), the ``(N,)`` weights and
+    the tensor's name and shape.  ``params`` must include ``"lambda"`` (the global scale λ, mergekit's
+    ``lambda``).  The per-tensor form (state-dict API) stacks the deltas and applies λ; the streaming engine
+    instead fills the stack one model at a time and frees the base while ``f`` runs (:meth:`MergeMethod.merged_delta`).
+    """
+    params = dict(params or {})
+    params.setdefault("lambda", 1.0)
+
+    def deco(fn: Callable) -> MergeMethod:
+        if name in METHODS:
+            raise ValueError(f"merge method {name!r} registered twice")
+
+        def tensor_fn(base, tensors, weights, *, name="", **p):
+            from .sparsify import apply_delta, flat_deltas
+
+            merged, lam = method.merged_delta(name, flat_deltas(base, tensors), weights, tuple(tensors[0].shape), **p)
+            return apply_delta(base, merged, tensors[0], lam)
+
+        tensor_fn.__doc__, tensor_fn.__name__ = fn.__doc__, fn.__name__
+        method = MergeMethod(name, tensor_fn, paper, url, True, params, None, fn, float(sign))
+        METHODS[name] = method
+        return method
     return deco
 
 

@@ -44,6 +44,17 @@ def magnitude(x: Tensor, density: float) -> Tensor:
     return torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
+def magnitude_rows_(deltas: Tensor, density: float) -> Tensor:
+    """:func:`magnitude` on each row of ``(N, P)`` ``deltas``, in place (no second ``(N, P)`` buffer)."""
+    if density >= 1:
+        return deltas
+    for r in deltas:
+        thr = ops.magnitude_threshold(r, density)
+        for c in r.split(1 << 20):  # chunks: the comparison temporaries stay small
+            c.masked_fill_(((c.abs() >= thr) | torch.isnan(c)).logical_not_(), 0)
+    return deltas
+
+
 def magnitude_rows(deltas: Tensor, density: float) -> Tensor:
     """:func:`magnitude` on each row of ``(N, P)`` ``deltas``."""
     if density >= 1:
@@ -81,26 +92,46 @@ def disjoint_masks(deltas: Tensor, *, density: float = 0.25, n: Optional[int] = 
 
     Returns a bool ``(N, P)`` mask for ``(N, P)`` ``deltas``.
     """
+    masks = torch.zeros_like(deltas, dtype=torch.bool)
+    for t, mk in _disjoint_masks(deltas, density, n, m, order, shape):
+        masks[t] = mk
+    return masks
+
+
+def apply_disjoint_masks_(deltas: Tensor, *, density: float = 0.25, n: Optional[int] = None,
+                          m: Optional[int] = None, order: Optional[Sequence[int]] = None,
+                          shape: Optional[Sequence[int]] = None) -> Tensor:
+    """``deltas ⊙ disjoint_masks(deltas, ...)`` in place, never holding the ``(N, P)`` masks: each model's mask
+    depends only on its own (still unmasked) row and the positions taken before it."""
+    for t, mk in _disjoint_masks(deltas, density, n, m, order, shape):
+        for xc, mc in zip(deltas[t].split(1 << 20), mk.split(1 << 20)):  # chunks: mul_ by a bool mask
+            xc.mul_(mc)  # materialises it in the float dtype
+    return deltas
+
+
+def _disjoint_masks(deltas: Tensor, density, n, m, order, shape):
+    """Yields ``(t, M_t)`` in pruning order (see :func:`disjoint_masks`)."""
     N, P = deltas.shape
     order = list(range(N)) if order is None else [int(i) for i in order]
     if sorted(order) != list(range(N)):
         raise ValueError(f"cabs: `order` must be a permutation of 0..{N - 1}, got {order}")
     shape = (P,) if shape is None else tuple(shape)
-    masks = torch.zeros_like(deltas, dtype=torch.bool)
     taken = torch.zeros(P, dtype=torch.bool, device=deltas.device)
     use_nm = n is not None and m is not None and nm_groups(torch.empty(shape, device="meta"), m) is not None
     for t in order:
         x = deltas[t]
         if use_nm:
             xs = nm_groups(x.reshape(shape), m)
-            mk = ops.nm_mask(xs, n, m, taken.reshape(xs.shape)).reshape(P) & (x != 0)
+            mk = ops.nm_mask(xs, n, m, taken.reshape(xs.shape)).reshape(P)
+            for mc, xc in zip(mk.split(1 << 20), x.split(1 << 20)):
+                mc &= xc != 0
         else:
             allowed = torch.where(taken, torch.zeros((), dtype=x.dtype, device=x.device), x)
-            k_mask = magnitude(allowed, density) != 0
-            mk = k_mask & ~taken
-        masks[t] = mk
+            mk = magnitude(allowed, density) != 0
+            del allowed
+            mk &= ~taken
         taken |= mk
-    return masks
+        yield t, mk
 
 
 def apply_delta(base: Optional[Tensor], merged: Tensor, like: Tensor, lam: float) -> Tensor:

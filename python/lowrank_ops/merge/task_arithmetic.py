@@ -7,14 +7,11 @@ task vectors (w > 0) learns tasks, negating them (w < 0) forgets, ``λ`` scales.
 from __future__ import annotations
 
 from ..ops import merge as ops
-from .registry import register
-from .sparsify import apply_delta, flat_deltas, global_scale, weights_tensor
+from .registry import register_delta
 
 
-@register("task_arithmetic", paper="Editing Models with Task Arithmetic (Ilharco et al., ICLR 2023)",
-          url="https://arxiv.org/abs/2212.04089", params={"lambda": 1.0, "normalize": False})
-def task_arithmetic_tensor(base, tensors, weights, *, name="", normalize=False, **kw):
-    d = flat_deltas(base, tensors)
+@register_delta("task_arithmetic", paper="Editing Models with Task Arithmetic (Ilharco et al., ICLR 2023)",
+                url="https://arxiv.org/abs/2212.04089", params={"lambda": 1.0, "normalize": False})
+def task_arithmetic_delta(d, w, *, name, shape, normalize=False):
     # density 1 keeps every entry: dare_merge is then the fused weighted sum Σ w_i τ_i.
-    merged = ops.dare_merge(d, weights_tensor(weights, d), 1.0, 0, "none", "sum", bool(normalize))
-    return apply_delta(base, merged, tensors[0], global_scale("task_arithmetic", kw))
+    return ops.dare_merge(d, w, 1.0, 0, "none", "sum", bool(normalize))

@@ -8,14 +8,11 @@ kernel (``lowrank_ops.ops.ties_merge``).  Defaults as mergekit's ``ties``.
 from __future__ import annotations
 
 from ..ops import merge as ops
-from .registry import register
-from .sparsify import apply_delta, flat_deltas, global_scale, weights_tensor
+from .registry import register_delta
 
 
-@register("ties", paper="TIES-Merging: Resolving Interference When Merging Models (Yadav et al., NeurIPS 2023)",
-          url="https://arxiv.org/abs/2306.01708",
-          params={"density": 0.2, "sign_method": "sum", "normalize": True, "lambda": 1.0})
-def ties_tensor(base, tensors, weights, *, name="", density=0.2, sign_method="sum", normalize=True, **kw):
-    d = flat_deltas(base, tensors)
-    merged = ops.ties_merge(d, weights_tensor(weights, d), float(density), sign_method, bool(normalize))
-    return apply_delta(base, merged, tensors[0], global_scale("ties", kw))
+@register_delta("ties", paper="TIES-Merging: Resolving Interference When Merging Models (Yadav et al., NeurIPS 2023)",
+                url="https://arxiv.org/abs/2306.01708",
+                params={"density": 0.2, "sign_method": "sum", "normalize": True, "lambda": 1.0})
+def ties_delta(d, w, *, name, shape, density=0.2, sign_method="sum", normalize=True):
+    return ops.ties_merge(d, w, float(density), sign_method, bool(normalize))
