@@ -1,5 +1,6 @@
 // CPU kernels of lowrank_linear: one output allocation, the base GEMM written
-// straight into it by BLAS (bias folded in as the GEMM's C operand), the rank-r
+// straight into it by BLAS (bias folded in as the GEMM's C operand; for few
+// tokens mirrored through a small (out, T) scratch, see common.h), the rank-r
 // term accumulated in place by a second BLAS call (beta = 1), and the optional
 // out_scale/bias epilogue fused into one parallel pass.  up·down is never formed.
 #include <torch/library.h>
