@@ -6,6 +6,9 @@ of tokens (batch × sequence) in a call.
 
 * ``lora_infer_T*`` — ``ops.lowrank_linear`` vs ``reference.lowrank_linear_ref``
   (peft's unfused composition) vs the frozen GEMM ``F.linear(x, W, b)``.
+* ``dora_infer_T*`` — ``nn.DoRALinear`` in eval mode (cached ``m/n``: one
+  ``lowrank_linear`` call) vs peft's DoRA layer in eval mode (norm of the dense
+  ``W + s·B·A`` every call) vs ``F.linear``.
 * ``lora_train_T*`` / ``dora_train_T*`` — one step (forward + ``y.backward(g)``)
   with trainable A, B (and DoRA's magnitude), frozen W, b, and the input
   gradient computed (as in every layer but the first): ``nn.LoRALinear`` /
@@ -39,6 +42,7 @@ SCALE = ALPHA / RANK
 
 INFER_T = (1, 16, 512, 2048)
 TRAIN_T = (16, 128, 512)
+DORA_INFER_T = (1, 16, 512)
 # --quick is a CI smoke run: < 100 s wall on 2 busy cores, ~25 s of which is
 # importing torch and peft.  It keeps every code path (T only changes sizes)
 # but drops the compute-bound inference shapes and DoRA's larger step.
@@ -155,6 +159,31 @@ def _infer_case(cfg: Config, T: int, name: str):
         Impl("ref", "ref", ref, flops),
         Impl("floor", "floor", floor, 2 * T * IN * OUT),
         Impl("floor_mirror", "floor_mirror", mirror, 2 * T * IN * OUT),
+    ], shape=_shape(T))
+
+
+def _dora_infer_case(cfg: Config, T: int, name: str):
+    """DoRA decoding/prefill in eval mode: ours caches ``m/n`` (one ``lowrank_linear`` call with ``out_scale``);
+    peft recomputes the norm from a dense ``W + s·B·A`` on every call."""
+    lin = _linear(cfg)
+    x = torch.randn(T, IN, device=cfg.device, dtype=cfg.dtype)
+    ours = lnn.DoRALinear(lin, r=RANK, alpha=ALPHA, init="random").eval()
+    built = _peft_layer(lin, ours, True)
+    ref_layer = built[0].eval() if built is not None else _ref_layer(lin, ours, True)[0].eval()
+
+    def no_grad(layer):
+        def call():
+            with torch.no_grad():
+                return layer(x)
+        return call
+
+    flops = 2 * T * IN * OUT + _lowrank_fwd_flops(T)
+    return measure(cfg, name, [
+        Impl("ours", "ours", no_grad(ours), flops),
+        Impl("peft" if built is not None else "ref", "ref", no_grad(ref_layer), flops),
+        Impl("floor", "floor", no_grad(lin), 2 * T * IN * OUT),
+        Impl("floor_mirror", "floor_mirror", no_grad(_mirrored_floor(lin, cfg, T)),
+             2 * T * IN * OUT),
     ], shape=_shape(T))
 
 
@@ -308,6 +337,9 @@ def _register_all() -> None:
     for T in INFER_T:
         name = f"lora_infer_T{T}"
         register(SUITE, name, functools.partial(_infer_case, T=T, name=name), quick=T in QUICK_INFER_T, shape=_shape(T))
+    for T in DORA_INFER_T:
+        name = f"dora_infer_T{T}"
+        register(SUITE, name, functools.partial(_dora_infer_case, T=T, name=name), quick=False, shape=_shape(T))
     for kind, dora in (("lora", False), ("dora", True)):
         for T in TRAIN_T:
             name = f"{kind}_train_T{T}"
