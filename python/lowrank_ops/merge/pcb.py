@@ -20,7 +20,8 @@ from __future__ import annotations
 import torch
 
 from ._common import compute_dtype, kth_largest
-from .registry import register, stack_deltas
+from .registry import register
+from .sparsify import flat_deltas
 
 
 def _minmax(x, eps=1e-12):
@@ -63,7 +64,7 @@ def pcb_tensor(base, tensors, weights, *, name="", density=0.1, clamp_ratio=1e-4
     if base.numel() == 0:
         return base.clone()
     w = torch.tensor(weights, dtype=dt, device=base.device).unsqueeze(1)
-    deltas = stack_deltas(base, tensors, dt).reshape(len(tensors), -1) * w
+    deltas = flat_deltas(base, tensors, dt).mul_(w)
     clamped, beta = pcb_scores(deltas, float(density), float(clamp_ratio))
     merged = (clamped * beta).sum(0) / beta.sum(0).clamp_min(1e-12)
     return (base.to(dt) + float(scaling) * merged.reshape(base.shape)).to(base.dtype)

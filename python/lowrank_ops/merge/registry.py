@@ -24,7 +24,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Optional, Sequence
 
-import torch
 from torch import Tensor
 
 
@@ -155,9 +154,3 @@ def get_method(name: str) -> MergeMethod:
         return METHODS[name]
     except KeyError:
         raise ValueError(f"unknown merge method {name!r}; known: {', '.join(sorted(METHODS))}") from None
-
-
-def stack_deltas(base: Optional[Tensor], tensors: Sequence[Tensor], dtype: torch.dtype = torch.float32) -> Tensor:
-    """``(N, *shape)`` task vectors ``tensors[i] - base`` (or the tensors themselves when base is None), in ``dtype``."""
-    t = torch.stack([x.to(dtype) for x in tensors])
-    return t if base is None else t - base.to(dtype)

@@ -19,11 +19,12 @@ def work_dtype(t: Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def flat_deltas(base: Optional[Tensor], tensors: Sequence[Tensor]) -> Tensor:
-    """``(N, P)`` task vectors ``tensors[i] - base`` (flattened) in the work dtype."""
-    dt = work_dtype(tensors[0])
+def flat_deltas(base: Optional[Tensor], tensors: Sequence[Tensor], dtype: Optional[torch.dtype] = None) -> Tensor:
+    """``(N, P)`` task vectors ``tensors[i] - base`` (flattened; the tensors themselves without a base) in
+    ``dtype`` (default: the work dtype of ``tensors[0]``).  One ``(N, P)`` buffer, the base subtracted in place."""
+    dt = work_dtype(tensors[0]) if dtype is None else dtype
     d = torch.stack([t.reshape(-1).to(dt) for t in tensors])
-    return d if base is None else d - base.reshape(-1).to(dt)
+    return d if base is None else d.sub_(base.reshape(-1).to(dt))
 
 
 def weights_tensor(weights: Sequence[float], like: Tensor) -> Tensor:
@@ -53,13 +54,6 @@ def magnitude_rows_(deltas: Tensor, density: float) -> Tensor:
         for c in r.split(1 << 20):  # chunks: the comparison temporaries stay small
             c.masked_fill_(((c.abs() >= thr) | torch.isnan(c)).logical_not_(), 0)
     return deltas
-
-
-def magnitude_rows(deltas: Tensor, density: float) -> Tensor:
-    """:func:`magnitude` on each row of ``(N, P)`` ``deltas``."""
-    if density >= 1:
-        return deltas
-    return torch.stack([magnitude(r, density) for r in deltas]) if deltas.shape[0] else deltas
 
 
 def random_drop(x: Tensor, density: float, seed: int) -> Tensor:
@@ -140,11 +134,3 @@ def apply_delta(base: Optional[Tensor], merged: Tensor, like: Tensor, lam: float
     if base is not None:
         out = base.to(out.dtype) + out
     return out.to(like.dtype)
-
-
-def global_scale(method: str, kw: dict) -> float:
-    """The method's ``lambda`` (mergekit's global scale, default 1); any other leftover parameter is an error."""
-    extra = sorted(set(kw) - {"lambda"})
-    if extra:
-        raise TypeError(f"merge method {method!r}: unknown parameter(s) {extra}")
-    return float(kw.get("lambda", 1.0))
