@@ -29,6 +29,7 @@ from torch import nn
 from ...adapters.lora.init import pissa_init_
 from ...nn import LoRALinear
 from .. import Config, Impl, Row, measure, register
+from ._peft import peft_lora_layer
 
 SUITE = "adapters"
 RANK = 16
@@ -58,23 +59,10 @@ def _ours(W0: torch.Tensor, n_iter):
 
 
 def _peft(W0: torch.Tensor):
-    try:
-        from peft import LoraConfig, get_peft_model
-    except ImportError:
-        return None
-
-    class _Holder(nn.Module):
-        def __init__(self, proj):
-            super().__init__()
-            self.proj = proj
-
-        def forward(self, x):
-            return self.proj(x)
-
     lin = nn.Linear(W0.shape[1], W0.shape[0], bias=False, device=W0.device, dtype=W0.dtype).requires_grad_(False)
-    model = get_peft_model(_Holder(lin), LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=["proj"]),
-                           autocast_adapter_dtype=False)
-    layer = model.base_model.model.proj
+    layer = peft_lora_layer(lin, r=RANK, lora_alpha=ALPHA)
+    if layer is None:
+        return None
 
     def fn():
         with torch.no_grad():

@@ -33,6 +33,7 @@ from torch import nn
 from ... import nn as lnn
 from ... import ops, reference
 from .. import Config, Impl, measure, register
+from ._peft import peft_lora_layer
 
 SUITE = "lowrank"
 IN = OUT = 4096  # Llama-3-8B hidden size
@@ -195,24 +196,10 @@ def _peft_layer(lin: nn.Linear, ours: lnn.LoRALinear, dora: bool):
 
     Returns ``(layer, trainable params in ours' order)``, or None without peft.
     """
-    try:
-        from peft import LoraConfig, get_peft_model
-    except ImportError:
+    layer = peft_lora_layer(lin, r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, init_lora_weights=False,
+                            use_dora=dora)
+    if layer is None:
         return None
-
-    class _Holder(nn.Module):
-        def __init__(self, proj):
-            super().__init__()
-            self.proj = proj
-
-        def forward(self, x):
-            return self.proj(x)
-
-    config = LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=["proj"], lora_dropout=0.0,
-                        init_lora_weights=False, use_dora=dora)
-    # autocast_adapter_dtype=False: keep the factors in the benchmark dtype, as ours are
-    model = get_peft_model(_Holder(lin), config, autocast_adapter_dtype=False)
-    layer = model.base_model.model.proj
     params = [layer.lora_A["default"].weight, layer.lora_B["default"].weight]
     if dora:
         params.append(layer.lora_magnitude_vector["default"].weight)
