@@ -109,7 +109,7 @@ def test_end_to_end_sharded_in_and_out(tmp_path, models, capsys):
 TASK_VECTOR_METHODS = {
     "task_arithmetic": {"lambda": 0.7}, "ties": {"density": 0.4}, "dare_linear": {"density": 0.6, "seed": 3},
     "dare_ties": {"density": 0.6, "lambda": 1.3}, "magnitude_prune": {"density": 0.3}, "cabs": {"n": 1, "m": 2},
-    "negmerge": {"lambda": 0.5}, "ram": {"epsilon": 0.05, "r": 0.5},
+    "negmerge": {"lambda": 0.5}, "ram": {"epsilon": 0.05, "r": 0.5}, "pcb": {"density": 0.3, "scaling": 0.8},
 }
 
 

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from lowrank_ops import merge
-from lowrank_ops.merge.sparsify import disjoint_masks, tensor_seed
+from lowrank_ops.merge.sparsify import apply_disjoint_masks_, disjoint_masks, tensor_seed
 from lowrank_ops.reference.merge import dare_merge_ref, nm_mask_ref, ties_merge_ref, trim_mask_ref
 
-METHODS = ["task_arithmetic", "ties", "dare_linear", "dare_ties", "magnitude_prune", "cabs", "negmerge", "ram"]
+METHODS = ["task_arithmetic", "ties", "dare_linear", "dare_ties", "magnitude_prune", "cabs", "negmerge", "ram", "pcb"]
 
 
 def _states(n=3, seed=0, dtype=torch.float32):
@@ -121,6 +121,21 @@ def test_cabs_masks_and_formula():
     assert torch.isfinite(out["b"]).all()
     with pytest.raises(ValueError, match="order"):
         disjoint_masks(tau, n=1, m=4, order=[0, 0, 1])
+
+
+@pytest.mark.parametrize("shape,kw", [((8, 16), {"n": 1, "m": 4}), ((6, 10), {"n": 2, "m": 4}),
+                                      ((8, 16), {"n": 1, "m": 4, "order": [2, 0, 1]}), ((8, 16), {"density": 0.3}),
+                                      ((0, 16), {"n": 1, "m": 4})])
+@pytest.mark.parametrize("chunk", [1, 12, 1 << 20])
+def test_cabs_in_place_masks_match_the_masks(shape, kw, chunk):
+    """The in-place form works in chunks of groups (n:m) or model by model (density); either way it equals
+    deltas ⊙ disjoint_masks — including a (6, 10) tensor whose 1:4 groups run across its rows."""
+    g = torch.Generator().manual_seed(0)
+    tau = torch.randn(3, int(torch.tensor(shape).prod()), generator=g, dtype=torch.float64)
+    tau[:, ::7] = 0  # zeros are never kept
+    expect = tau * disjoint_masks(tau, shape=shape, **kw)
+    got = apply_disjoint_masks_(tau.clone(), shape=shape, chunk=chunk, **kw)
+    assert torch.equal(got, expect)
 
 
 def test_negmerge_hand_computed():

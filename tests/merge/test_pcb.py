@@ -1,6 +1,8 @@
 """PCB-Merging against the paper's Alg. 1 (written out here independently, with sorts and explicit loops)."""
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
@@ -34,6 +36,20 @@ def test_matches_algorithm_1(ratio, clamp):
     deltas = torch.randn(3, 6, 20, dtype=torch.float64)
     out = merge.pcb.merge_tensor("w", base, [base + d for d in deltas], density=ratio, clamp_ratio=clamp)
     ref = base + _pcb_alg1(deltas.reshape(3, -1), ratio, clamp).reshape(6, 20)
+    torch.testing.assert_close(out, ref)
+
+
+@pytest.mark.parametrize("clamp", [0.05, 0.0])
+def test_chunked_passes_match_algorithm_1(monkeypatch, clamp):
+    """Both passes run over column chunks (7 columns here, so every row spans several, the last one short)."""
+    monkeypatch.setattr(importlib.import_module("lowrank_ops.merge.pcb"), "_CHUNK", 7)  # the module, not the method
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(5, 9, dtype=torch.float64, generator=g)
+    deltas = torch.randn(4, 5, 9, dtype=torch.float64, generator=g)
+    w = torch.tensor([1.0, 0.5, 2.0, 1.5], dtype=torch.float64)
+    out = merge.pcb.merge_tensor("w", base, [base + d for d in deltas], weights=w.tolist(), density=0.3,
+                                 clamp_ratio=clamp, scaling=0.7)
+    ref = base + 0.7 * _pcb_alg1((w[:, None] * deltas.reshape(4, -1)), 0.3, clamp).reshape(5, 9)
     torch.testing.assert_close(out, ref)
 
 

@@ -14,57 +14,109 @@ vectors (rows of ``T``, ``N`` of them):
 The paper flattens the whole model into one row per task; here each tensor is
 its own row (streamable; quantiles and min–max are then per tensor).
 ``weights`` multiply the task vectors before step 1 (1 by default).
+
+Memory: the method works in the ``(N, P)`` task vectors it is given plus one
+``P``-sized row (N + 1 tensors, as the streaming engine promises), in two
+passes over column chunks.  Pass 1, row by row: the two clamp quantiles and the
+score threshold are order statistics, selected in place in that one scratch row
+(no sort, no ``(N, P)`` temporary); the min–max ranges follow from them
+(``min`` of a row clipped to ``[lo, hi]`` is ``lo``, its ``max`` is
+``max(hi, lo)``; the min of ``max(score, thr)`` is ``thr``).  Pass 2, chunk by
+chunk: scores, ``β̂`` and the weighted mean of the chunk, written over the
+first task vector's chunk (no later chunk reads it).  Both passes compute a
+row's scores with the same code on the same chunks, so the threshold
+comparison sees identical values.
 """
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
-from ._common import compute_dtype, kth_largest
-from .registry import register
-from .sparsify import flat_deltas
+from .registry import register_delta
 
-
-def _minmax(x, eps=1e-12):
-    lo = x.amin(dim=1, keepdim=True)
-    hi = x.amax(dim=1, keepdim=True)
-    return (x - lo) / (hi - lo).clamp_min(eps)
+_EPS = 1e-12  # floor of a min–max range and of Σ β̂
+_CHUNK = 1 << 18  # columns per chunk: the chunk temporaries are N × _CHUNK
 
 
-def _clamp_quantiles(x, lo_ratio, hi_ratio):
-    """Clip each row to its sorted values at index ``⌊d·lo⌋`` and ``⌊d·(1−hi)⌋ − 1`` (the release's ``clamp``)."""
-    d = x.shape[1]
-    s, _ = torch.sort(x, dim=1)
-    lo = s[:, min(int(d * lo_ratio), d - 1)].unsqueeze(1)
-    hi = s[:, max(int(d * (1 - hi_ratio)) - 1, 0)].unsqueeze(1)
-    return torch.maximum(torch.minimum(x, hi), lo)
+def _order_stats_(x: Tensor, idx: list[int]) -> list[float]:
+    """The values at 0-based ascending positions ``idx`` of ``x`` (1-D), selected in place (``x`` is scrambled)."""
+    if x.device.type == "cpu":
+        a = x.numpy()
+        a.partition(sorted(set(idx)))  # introselect in place: no copy, no sort
+        return [float(a[i]) for i in idx]
+    return [float(torch.kthvalue(x, i + 1).values) for i in idx]
 
 
-def pcb_scores(deltas: torch.Tensor, density: float = 0.1, clamp_ratio: float = 1e-4):
-    """``(clamped task vectors, β̂)`` for ``deltas (N, P)`` (steps 1–4 above)."""
-    n, d = deltas.shape
-    mag = _clamp_quantiles(deltas.abs(), clamp_ratio, clamp_ratio) if clamp_ratio > 0 else deltas.abs()
-    clamped = torch.sign(deltas) * mag
-    intra = torch.exp(n * _minmax(mag) ** 2)
-    inter = torch.tanh(deltas * deltas.sum(dim=0, keepdim=True))
-    score = intra * inter
-    # scores are signed (tanh term), so this is a selection on the score itself, not on |x|
-    k = d - min(int(d * (1 - density)), d - 1)  # rank (from the top) of the row's drop threshold
-    thr = torch.stack([kth_largest(score[i], k) for i in range(n)]).unsqueeze(1)
-    beta = _minmax(torch.maximum(score, thr))
-    return clamped, beta
+def _chunks(p: int):
+    return [(c, min(c + _CHUNK, p)) for c in range(0, p, _CHUNK)]
 
 
-@register("pcb", paper="Parameter Competition Balancing for Model Merging (PCB-Merging)",
-          url="https://arxiv.org/abs/2410.02396", params={"density": 0.1, "clamp_ratio": 1e-4, "scaling": 1.0})
-def pcb_tensor(base, tensors, weights, *, name="", density=0.1, clamp_ratio=1e-4, scaling=1.0, **_):
-    """PCB merge of one tensor: ``θ₀ + scaling · Σ β̂ᵢτᵢ / Σ β̂ᵢ``."""
+def _mag(x: Tensor, st: Tensor, clamp: bool) -> Tensor:
+    """``|x|`` clipped to ``[lo, hi]`` (``st`` columns 0, 1: lo, hi)."""
+    a = x.abs()
+    return torch.maximum(torch.minimum(a, st[..., 1:2]), st[..., 0:1]) if clamp else a
+
+
+def _score(x: Tensor, s: Tensor, st: Tensor, n: int, clamp: bool) -> tuple[Tensor, Tensor]:
+    """``(|x| clipped, β_intra ⊙ β_inter)`` of one row chunk ``x`` with ``s`` = the chunk's Σⱼτⱼ (``st``: lo,
+    hi, magnitude min, magnitude range)."""
+    mag = _mag(x, st, clamp)
+    score = ((mag - st[..., 2:3]) / st[..., 3:4]).square_().mul_(n).exp_()
+    return mag, score.mul_(torch.tanh(x * s))
+
+
+def pcb_scores(deltas: Tensor, density: float = 0.1, clamp_ratio: float = 1e-4) -> Tensor:
+    """Per-row statistics of ``deltas (N, P)`` (steps 1–4 above): an ``(N, 6)`` tensor of the clamp bounds
+    ``lo, hi``, the clipped magnitudes' min and range, the score threshold ``thr`` and the range of
+    ``max(score, thr)``.  One ``P``-sized scratch row."""
+    n, p = deltas.shape
+    clamp = clamp_ratio > 0
+    st = torch.zeros(n, 6, dtype=deltas.dtype, device=deltas.device)
+    st[:, 3] = 1
+    row = torch.empty(p, dtype=deltas.dtype, device=deltas.device)
+    i_lo, i_hi = min(int(p * clamp_ratio), p - 1), max(int(p * (1 - clamp_ratio)) - 1, 0)
+    i_thr = min(int(p * (1 - density)), p - 1)
+    chunks = _chunks(p)
+    for i in range(n):
+        x = deltas[i]
+        if clamp:
+            lo, hi = _order_stats_(torch.abs(x, out=row), [i_lo, i_hi])
+            mlo, mhi = lo, max(hi, lo)
+        else:
+            mlo, mhi = (float(v) for v in torch.aminmax(torch.abs(x, out=row)))
+        st[i, :4] = torch.tensor([lo if clamp else 0.0, hi if clamp else 0.0, mlo, mhi], dtype=st.dtype)
+        st[i, 3] = (st[i, 3] - st[i, 2]).clamp_min(_EPS)
+        for c0, c1 in chunks:
+            row[c0:c1] = _score(x[c0:c1], deltas[:, c0:c1].sum(0), st[i], n, clamp)[1]
+        smax = row.max()
+        st[i, 4] = _order_stats_(row, [i_thr])[0]
+        st[i, 5] = smax - st[i, 4]  # max of max(score, thr) minus its min, in the work dtype
+    st[:, 5].clamp_(min=_EPS)
+    return st
+
+
+@register_delta("pcb", paper="Parameter Competition Balancing for Model Merging (PCB-Merging)",
+                url="https://arxiv.org/abs/2410.02396", params={"density": 0.1, "clamp_ratio": 1e-4, "scaling": 1.0},
+                scale="scaling")
+def pcb_delta(d, w, *, name, shape, density=0.1, clamp_ratio=1e-4):
+    """PCB's ``Σ β̂ᵢτᵢ / Σ β̂ᵢ`` of the ``(N, P)`` task vectors ``d`` (overwritten; the result is ``d[0]``)."""
     if not 0.0 < float(density) <= 1.0:
         raise ValueError(f"pcb: density must lie in (0, 1], got {density!r} (tensor {name!r})")
-    dt = compute_dtype(base)
-    if base.numel() == 0:
-        return base.clone()
-    w = torch.tensor(weights, dtype=dt, device=base.device).unsqueeze(1)
-    deltas = flat_deltas(base, tensors, dt).mul_(w)
-    clamped, beta = pcb_scores(deltas, float(density), float(clamp_ratio))
-    merged = (clamped * beta).sum(0) / beta.sum(0).clamp_min(1e-12)
-    return (base.to(dt) + float(scaling) * merged.reshape(base.shape)).to(base.dtype)
+    n, p = d.shape
+    if p == 0:
+        return d[0] if n else d.new_zeros(0)
+    d.mul_(w.unsqueeze(1))
+    clamp = float(clamp_ratio) > 0
+    st = pcb_scores(d, float(density), float(clamp_ratio))
+    for c0, c1 in _chunks(p):
+        x = d[:, c0:c1]
+        s = x.sum(0)
+        num = torch.zeros_like(s)
+        den = torch.zeros_like(s)
+        for i in range(n):
+            mag, score = _score(x[i], s, st[i], n, clamp)
+            beta = torch.maximum(score, st[i, 4:5]).sub_(st[i, 4:5]).div_(st[i, 5:6])
+            num.add_(torch.sign(x[i]).mul_(mag).mul_(beta))
+            den.add_(beta)
+        d[0, c0:c1] = num.div_(den.clamp_min_(_EPS))
+    return d[0]

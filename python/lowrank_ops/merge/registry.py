@@ -38,6 +38,7 @@ class MergeMethod:
     state_fn: Optional[Callable] = None
     delta_fn: Optional[Callable] = None  # methods θ = θ_base + λ·f(τ_1..τ_N) only, see register_delta
     delta_sign: float = 1.0
+    delta_scale: str = "lambda"  # the parameter that is λ (register_delta's ``scale``)
 
     @property
     def streamable(self) -> bool:
@@ -61,7 +62,7 @@ class MergeMethod:
         extra = sorted(set(p) - set(self.params))
         if extra:
             raise TypeError(f"merge method {self.name!r}: unknown parameter(s) {extra}")
-        lam = float(p.pop("lambda", 1.0)) * self.delta_sign
+        lam = float(p.pop(self.delta_scale, 1.0)) * self.delta_sign
         merged = self.delta_fn(deltas, weights_tensor(w, deltas), name=name, shape=tuple(shape), **p)
         return merged, lam
 
@@ -120,17 +121,18 @@ def register(name: str, *, paper: str, url: str, needs_base: bool = True, params
     return deco
 
 
-def register_delta(name: str, *, paper: str, url: str, params: Optional[dict] = None, sign: float = 1.0):
+def register_delta(name: str, *, paper: str, url: str, params: Optional[dict] = None, sign: float = 1.0,
+                   scale: str = "lambda"):
     """Decorator for a task-vector method ``θ = θ_base + sign·λ·f(τ_1, ..., τ_N)``, ``τ_i = θ_i − θ_base``.
 
     The decorated ``f(deltas, w, *, name, shape, **params) -> (P,)`` takes the stacked ``(N, P)`` task vectors
     (flattened, in the work dtype: fp64 stays fp64, else fp32; ``f`` may overwrite them), the ``(N,)`` weights and
-    the tensor's name and shape.  ``params`` must include ``"lambda"`` (the global scale λ, mergekit's
-    ``lambda``).  The per-tensor form (state-dict API) stacks the deltas and applies λ; the streaming engine
+    the tensor's name and shape.  ``params`` include the global scale λ, named by ``scale`` (default
+    ``"lambda"``, mergekit's name; a method whose paper names it otherwise passes that name).  The per-tensor form (state-dict API) stacks the deltas and applies λ; the streaming engine
     instead fills the stack one model at a time and frees the base while ``f`` runs (:meth:`MergeMethod.merged_delta`).
     """
     params = dict(params or {})
-    params.setdefault("lambda", 1.0)
+    params.setdefault(scale, 1.0)
 
     def deco(fn: Callable) -> MergeMethod:
         if name in METHODS:
@@ -143,7 +145,7 @@ def register_delta(name: str, *, paper: str, url: str, params: Optional[dict] = 
             return apply_delta(base, merged, tensors[0], lam)
 
         tensor_fn.__doc__, tensor_fn.__name__ = fn.__doc__, fn.__name__
-        method = MergeMethod(name, tensor_fn, paper, url, True, params, None, fn, float(sign))
+        method = MergeMethod(name, tensor_fn, paper, url, True, params, None, fn, float(sign), scale)
         METHODS[name] = method
         return method
     return deco

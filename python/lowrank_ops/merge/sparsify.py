@@ -94,24 +94,51 @@ def disjoint_masks(deltas: Tensor, *, density: float = 0.25, n: Optional[int] = 
 
 def apply_disjoint_masks_(deltas: Tensor, *, density: float = 0.25, n: Optional[int] = None,
                           m: Optional[int] = None, order: Optional[Sequence[int]] = None,
-                          shape: Optional[Sequence[int]] = None) -> Tensor:
-    """``deltas ⊙ disjoint_masks(deltas, ...)`` in place, never holding the ``(N, P)`` masks: each model's mask
-    depends only on its own (still unmasked) row and the positions taken before it."""
-    for t, mk in _disjoint_masks(deltas, density, n, m, order, shape):
-        for xc, mc in zip(deltas[t].split(1 << 20), mk.split(1 << 20)):  # chunks: mul_ by a bool mask
-            xc.mul_(mc)  # materialises it in the float dtype
+                          shape: Optional[Sequence[int]] = None, chunk: int = 1 << 20) -> Tensor:
+    """``deltas ⊙ disjoint_masks(deltas, ...)`` in place, never holding the ``(N, P)`` masks.
+
+    ``n:m`` masks: every group of ``m`` consecutive entries is decided on its own (a group never crosses the
+    last dim, which is a multiple of ``m``), so the work goes chunk by chunk of about ``chunk`` entries and
+    within a chunk model by model in pruning order: the taken positions, the mask and its float copy are
+    chunk-sized, never ``P``-sized.  Density masks need each model's whole row for its threshold: model by
+    model, with a ``P``-sized taken mask."""
+    order, shape, use_nm = _disjoint_args(deltas, n, m, order, shape)
+    if deltas.numel() == 0:
+        return deltas
+    if not use_nm:
+        for t, mk in _disjoint_masks(deltas, density, n, m, order, shape):
+            for xc, mc in zip(deltas[t].split(chunk), mk.split(chunk)):  # chunks: mul_ by a bool mask
+                xc.mul_(mc)  # materialises it in the float dtype
+        return deltas
+    groups = deltas.view(deltas.shape[0], -1, m)  # (N, P/m, m): the n:m groups, in order
+    for g0 in range(0, groups.shape[1], max(1, chunk // m)):
+        g = groups[:, g0:g0 + max(1, chunk // m)]
+        taken = torch.zeros(g.shape[1:], dtype=torch.bool, device=deltas.device)
+        for t in order:
+            x = g[t]
+            mk = ops.nm_mask(x, n, m, taken)
+            mk &= x != 0
+            taken |= mk
+            x.mul_(mk)
     return deltas
 
 
-def _disjoint_masks(deltas: Tensor, density, n, m, order, shape):
-    """Yields ``(t, M_t)`` in pruning order (see :func:`disjoint_masks`)."""
+def _disjoint_args(deltas: Tensor, n, m, order, shape):
+    """``(order, shape, use_nm)``: the pruning order checked, the tensor's shape, and whether n:m applies."""
     N, P = deltas.shape
     order = list(range(N)) if order is None else [int(i) for i in order]
     if sorted(order) != list(range(N)):
         raise ValueError(f"cabs: `order` must be a permutation of 0..{N - 1}, got {order}")
     shape = (P,) if shape is None else tuple(shape)
-    taken = torch.zeros(P, dtype=torch.bool, device=deltas.device)
     use_nm = n is not None and m is not None and nm_groups(torch.empty(shape, device="meta"), m) is not None
+    return order, shape, use_nm
+
+
+def _disjoint_masks(deltas: Tensor, density, n, m, order, shape):
+    """Yields ``(t, M_t)`` in pruning order (see :func:`disjoint_masks`)."""
+    order, shape, use_nm = _disjoint_args(deltas, n, m, order, shape)
+    P = deltas.shape[1]
+    taken = torch.zeros(P, dtype=torch.bool, device=deltas.device)
     for t in order:
         x = deltas[t]
         if use_nm:
