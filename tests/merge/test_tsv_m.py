@@ -51,3 +51,20 @@ def test_vectors_are_averaged_and_dtypes_kept():
     assert bf.dtype == torch.bfloat16
     with pytest.raises(ValueError, match="sv_reduction"):
         merge.tsv_m.merge_tensor("w", torch.zeros(3, 3), [torch.ones(3, 3)], sv_reduction=2.0)
+
+
+def test_rsvd_and_exact_agree_when_the_kept_spectrum_is_separated():
+    """svd="rsvd" (the default, lowrank_ops.ops.rsvd; here on its Krylov route: k = 18 of 150) keeps the same
+    triplets as the dense SVD when each task's rank-k part stands clear of the rest."""
+    g = torch.Generator().manual_seed(0)
+    m, n, N = 200, 150, 8
+    base = torch.randn(m, n, dtype=torch.float64, generator=g)
+    ts = []
+    for _ in range(N):
+        d = torch.randn(m, 18, dtype=torch.float64, generator=g) @ torch.randn(18, n, dtype=torch.float64, generator=g)
+        ts.append(base + d + 1e-6 * torch.randn(m, n, dtype=torch.float64, generator=g))
+    fast = merge.tsv_m.merge_tensor("w", base, ts)
+    exact = merge.tsv_m.merge_tensor("w", base, ts, svd="exact")
+    torch.testing.assert_close(fast, exact, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="svd"):
+        merge.tsv_m.merge_tensor("w", base, ts, svd="lapack")

@@ -409,6 +409,8 @@ def _run(cfg, base, models, infos, calls, shards, tmp: Path, device, progress, c
                     try:
                         if _floating(info.dtype) and method.delta_fn is not None and base is not None:
                             merged = _merge_task_vectors(method, name, base, models, weights, params, device)
+                        elif _floating(info.dtype) and method.task_fns is not None and base is not None:
+                            merged = _merge_per_task(method, name, base, models, weights, params, device)
                         else:
                             merged = _merge_read_all(method, name, info, base, models, weights, params, device)
                     except (ValueError, TypeError, RuntimeError) as e:
@@ -460,6 +462,33 @@ def _merge_task_vectors(method, name, base, models, weights, params, device) -> 
     del b
     merged, lam = method.merged_delta(name, deltas, weights, shape, **params)
     del deltas
+    out = merged.reshape(shape)
+    if lam != 1:
+        out.mul_(lam)
+    out.add_(base.read(name).to(device=device, dtype=out.dtype))
+    return out.to(like)
+
+
+def _merge_per_task(method, name, base, models, weights, params, device) -> torch.Tensor:
+    """A per-task method (:func:`register_per_task`, e.g. TSV-M): one task vector at a time, each read in
+    chunks into a fresh buffer and reduced before the next is read; the base is dropped before the last task's
+    reduction and the combination, and read again to add ``λ·f``.  Bit-identical to the per-tensor form."""
+    first = models[0].tensors[name]
+    shape, like = first.shape, first.dtype
+    wd = torch.float64 if like == torch.float64 else torch.float32
+
+    def taus():
+        b = base.read(name).to(device=device, dtype=wd).reshape(-1)
+        for i, m in enumerate(models):
+            t = torch.empty(b.numel(), dtype=wd, device=device)
+            m.read_flat_into(name, t)
+            t.sub_(b)
+            if i == len(models) - 1:
+                del b
+            yield t
+            del t
+
+    merged, lam = method.merged_from_tasks(name, taus(), weights, len(models), shape, **params)
     out = merged.reshape(shape)
     if lam != 1:
         out.mul_(lam)

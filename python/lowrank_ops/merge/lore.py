@@ -14,6 +14,13 @@ arithmetic on the estimates, ``θ = θ₀ + scaling · Σ wᵢ δᵢ``.
 ``μ`` is absolute when ``mu`` is given; by default it is ``mu_rel`` times the
 largest singular value of the centred models ``θᵢ − mean(θ)`` (scale-free).
 Non-matrix tensors (no nuclear norm) are averaged.
+
+Memory: each ``δᵢ`` is kept as its SVT factors ``(U_r·diag(S_r), V_rᵀ)`` (dense
+only when that would be larger), ``θ₀`` is accumulated in place and the
+objective is summed one model at a time, so the working set is the ``N``
+inputs, ``θ₀``, one SVD and the factors — no stacks of ``N`` dense matrices.
+The method is base-free and iterative over all ``N`` models, so the CLI reads
+every model's tensor (the read-all route).
 """
 from __future__ import annotations
 
@@ -28,10 +35,63 @@ from .registry import register
 
 def svt(M: Tensor, tau: float) -> tuple[Tensor, Tensor]:
     """``(SVT_τ(M), ‖SVT_τ(M)‖_*)``: singular values shrunk by ``tau`` (the prox of ``tau·‖·‖_*``)."""
+    f, nuc = _svt_factors(M, tau)
+    return _dense(f), nuc
+
+
+def _svt_factors(M: Tensor, tau: float):
+    """SVT of ``M`` as ``((U_r·S_r, V_rᵀ) or a dense matrix when that is smaller, ‖·‖_*)``."""
     U, S, Vh = torch.linalg.svd(M, full_matrices=False)
     S = (S - tau).clamp_min(0)
     r = int((S > 0).sum())
-    return (U[:, :r] * S[:r]) @ Vh[:r], S.sum()
+    m, n = M.shape
+    if (m + n) * r >= m * n:
+        return (U[:, :r] * S[:r]) @ Vh[:r], S.sum()
+    return ((U[:, :r] * S[:r]), Vh[:r].clone()), S.sum()
+
+
+def _dense(f) -> Tensor:
+    return f[0] @ f[1] if isinstance(f, tuple) else f
+
+
+def _add_(out: Tensor, f, alpha: float = 1.0) -> Tensor:
+    """``out += alpha·δ`` for ``δ`` factored or dense, without a dense temporary."""
+    if isinstance(f, tuple):
+        return out.addmm_(f[0], f[1], alpha=alpha)
+    return out.add_(f, alpha=alpha)
+
+
+def _iterate(X: Sequence[Tensor], mu: Optional[float], mu_rel: float, iters: int, tol: float):
+    """``(θ₀, [δᵢ factored], objective per iteration)`` by SVT coordinate descent (Eq. 3) on 2-D ``X``."""
+    n = len(X)
+    theta0 = torch.zeros_like(X[0])
+    for x in X:
+        theta0.add_(x)
+    theta0.div_(n)
+    if mu is None:
+        mu = float(mu_rel) * max(float(torch.linalg.matrix_norm(x - theta0, ord=2)) for x in X)
+    mu = float(mu)
+    facs: list = []
+    history: list[float] = []
+    for _ in range(int(iters)):
+        nuc = 0.0
+        facs = []
+        for x in X:
+            f, nn_ = _svt_factors(x - theta0, mu / 2)
+            facs.append(f)
+            nuc += float(nn_)
+        theta0 = torch.zeros_like(theta0)
+        for x, f in zip(X, facs):  # θ₀ = mean(xᵢ − δᵢ), accumulated in place
+            _add_(theta0.add_(x), f, -1.0)
+        theta0.div_(n)
+        obj = mu * nuc
+        for x, f in zip(X, facs):  # ‖θ₀ + δᵢ − xᵢ‖², one model at a time
+            r = _add_(theta0 - x, f)
+            obj += float(torch.dot(r.reshape(-1), r.reshape(-1)))
+        history.append(obj)
+        if len(history) > 1 and history[-2] - obj <= tol * max(abs(history[-2]), 1e-30):
+            break
+    return theta0, facs, history
 
 
 def lore_estimate(tensors: Sequence[Tensor], mu: Optional[float] = None, mu_rel: float = 0.1, iters: int = 20,
@@ -39,22 +99,8 @@ def lore_estimate(tensors: Sequence[Tensor], mu: Optional[float] = None, mu_rel:
     """``(θ₀, [δᵢ], objective per iteration)`` for 2-D ``tensors`` by SVT coordinate descent (Eq. 3)."""
     dt = compute_dtype(tensors[0])
     X = [t.to(dt) for t in tensors]
-    theta0 = torch.stack(X).mean(0)
-    if mu is None:
-        mu = float(mu_rel) * max(float(torch.linalg.matrix_norm(x - theta0, ord=2)) for x in X)
-    mu = float(mu)
-    deltas = [torch.zeros_like(theta0) for _ in X]
-    history: list[float] = []
-    for _ in range(int(iters)):
-        nuc = 0.0
-        for i, x in enumerate(X):
-            deltas[i], nn_ = svt(x - theta0, mu / 2)
-            nuc += float(nn_)
-        theta0 = torch.stack([x - d for x, d in zip(X, deltas)]).mean(0)
-        obj = sum(float(((theta0 + d - x) ** 2).sum()) for x, d in zip(X, deltas)) + mu * nuc
-        history.append(obj)
-        if len(history) > 1 and history[-2] - obj <= tol * max(abs(history[-2]), 1e-30):
-            break
+    theta0, facs, history = _iterate(X, mu, mu_rel, iters, tol)
+    deltas = [_dense(f) for f in facs] if facs else [torch.zeros_like(theta0) for _ in X]
     return theta0, deltas, history
 
 
@@ -66,6 +112,10 @@ def lore_tensor(base, tensors, weights, *, name="", mu=None, mu_rel=0.1, iters=2
     dt = compute_dtype(tensors[0])
     if tensors[0].dim() != 2 or tensors[0].numel() == 0:
         return torch.stack([t.to(dt) for t in tensors]).mean(0).to(tensors[0].dtype)
-    theta0, deltas, _ = lore_estimate(tensors, mu, mu_rel, iters)
-    merged = theta0 + float(scaling) * sum(float(w) * d for w, d in zip(weights, deltas))
-    return merged.to(tensors[0].dtype)
+    X = [t.to(dt) for t in tensors]
+    theta0, facs, _ = _iterate(X, mu, mu_rel, iters, 1e-7)
+    del X
+    acc = torch.zeros_like(theta0)
+    for w, f in zip(weights, facs):
+        _add_(acc, f, float(w))
+    return theta0.add_(acc, alpha=float(scaling)).to(tensors[0].dtype)

@@ -22,7 +22,7 @@ learns coefficients from data) pass ``state_fn`` and have no per-tensor form.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Optional, Sequence
+from typing import Callable, Iterable, Mapping, Optional, Sequence
 
 from torch import Tensor
 
@@ -38,7 +38,8 @@ class MergeMethod:
     state_fn: Optional[Callable] = None
     delta_fn: Optional[Callable] = None  # methods θ = θ_base + λ·f(τ_1..τ_N) only, see register_delta
     delta_sign: float = 1.0
-    delta_scale: str = "lambda"  # the parameter that is λ (register_delta's ``scale``)
+    delta_scale: str = "lambda"  # the parameter that is λ (register_delta's / register_per_task's ``scale``)
+    task_fns: Optional[tuple[Callable, Callable]] = None  # (reduce, combine), see register_per_task
 
     @property
     def streamable(self) -> bool:
@@ -58,13 +59,35 @@ class MergeMethod:
         w = [1.0] * n if weights is None else [float(x) for x in weights]
         if len(w) != n:
             raise ValueError(f"merge method {self.name!r}: {len(w)} weights for {n} models")
+        p = self._params(params)
+        lam = float(p.pop(self.delta_scale, 1.0)) * self.delta_sign
+        merged = self.delta_fn(deltas, weights_tensor(w, deltas), name=name, shape=tuple(shape), **p)
+        return merged, lam
+
+    def merged_from_tasks(self, name: str, taus: Iterable[Tensor], weights: Optional[Sequence[float]], n: int,
+                          shape: tuple, **params) -> tuple[Tensor, float]:
+        """``(f, λ)`` of a :func:`register_per_task` method: ``f = combine(reduce(τ_1), ..., reduce(τ_n))``
+        (flattened) from ``taus``, an iterable of the ``n`` flattened task vectors in the work dtype, consumed
+        one at a time (each may be overwritten and is dropped before the next is drawn), and the signed scale
+        λ, so that the merged tensor is ``θ_base + λ·f``."""
+        reduce, combine = self.task_fns
+        w = [1.0] * n if weights is None else [float(x) for x in weights]
+        if len(w) != n:
+            raise ValueError(f"merge method {self.name!r}: {len(w)} weights for {n} models")
+        p = self._params(params)
+        lam = float(p.pop(self.delta_scale, 1.0)) * self.delta_sign
+        parts = []
+        for i, tau in enumerate(taus):
+            parts.append(reduce(tau, w[i], index=i, count=n, name=name, shape=tuple(shape), **p))
+            del tau  # the caller's next task vector is read after this one is gone
+        return combine(parts, name=name, shape=tuple(shape), **p), lam
+
+    def _params(self, params: dict) -> dict:
         p = {**self.params, **params}
         extra = sorted(set(p) - set(self.params))
         if extra:
             raise TypeError(f"merge method {self.name!r}: unknown parameter(s) {extra}")
-        lam = float(p.pop(self.delta_scale, 1.0)) * self.delta_sign
-        merged = self.delta_fn(deltas, weights_tensor(w, deltas), name=name, shape=tuple(shape), **p)
-        return merged, lam
+        return p
 
     def merge_tensor(self, name: str, base: Optional[Tensor], tensors: Sequence[Tensor],
                      weights: Optional[Sequence[float]] = None, **params) -> Tensor:
@@ -146,6 +169,41 @@ def register_delta(name: str, *, paper: str, url: str, params: Optional[dict] = 
 
         tensor_fn.__doc__, tensor_fn.__name__ = fn.__doc__, fn.__name__
         method = MergeMethod(name, tensor_fn, paper, url, True, params, None, fn, float(sign), scale)
+        METHODS[name] = method
+        return method
+    return deco
+
+
+def register_per_task(name: str, *, paper: str, url: str, reduce: Callable, params: Optional[dict] = None,
+                      scale: str = "scaling"):
+    """Decorator for a method ``θ = θ_base + λ·combine(reduce(τ_1), ..., reduce(τ_N))`` whose per-task step needs
+    one task vector at a time (TSV-M: each task's top singular triplets); the decorated function is ``combine``.
+
+    ``reduce(tau, w, *, index, count, name, shape, **params)`` gets one flattened task vector in the work dtype
+    (it may overwrite or keep it), its weight, its index among ``count`` models, and returns what ``combine``
+    needs from it; ``combine(parts, *, name, shape, **params) -> (P,)`` gets the list of those.  λ is the
+    parameter named ``scale``.  The per-tensor form computes each ``τ_i`` when it is needed; the streaming engine
+    reads one model at a time (:meth:`MergeMethod.merged_from_tasks`), so only the base, one task vector and the
+    reductions are alive.
+    """
+    params = dict(params or {})
+    params.setdefault(scale, 1.0)
+
+    def deco(combine: Callable) -> MergeMethod:
+        if name in METHODS:
+            raise ValueError(f"merge method {name!r} registered twice")
+
+        def tensor_fn(base, tensors, weights, *, name="", **p):
+            from .sparsify import apply_delta, work_dtype
+
+            dt = work_dtype(tensors[0])
+            b = base.reshape(-1).to(dt)
+            taus = (t.reshape(-1).to(dt, copy=True).sub_(b) for t in tensors)
+            merged, lam = method.merged_from_tasks(name, taus, weights, len(tensors), tuple(tensors[0].shape), **p)
+            return apply_delta(base, merged, tensors[0], lam)
+
+        tensor_fn.__doc__, tensor_fn.__name__ = combine.__doc__, combine.__name__
+        method = MergeMethod(name, tensor_fn, paper, url, True, params, None, None, 1.0, scale, (reduce, combine))
         METHODS[name] = method
         return method
     return deco

@@ -17,16 +17,22 @@ code.  Numerically zero singular triplets (``σ ≤ ε·max(m, n)·σ₁``) are 
 they add nothing to ``τᵢ``, but their arbitrary singular vectors would take part
 in the orthogonalisation of step 3 (the paper's code keeps them).  When the tasks' subspaces are already orthogonal and each task has rank
 ``≤ k``, step 3 changes nothing and TSV-M equals task arithmetic ``Σ τᵢ``.
-``weights`` scale each task vector first.  Dense SVDs (``torch.linalg.svd``):
-step 1 needs exact per-task spectra, and ``lowrank_ops.linalg`` has no dense
-truncated SVD beyond its randomized one.
+``weights`` scale each task vector first.
+
+Step 1 uses ``lowrank_ops.ops.rsvd`` (``svd="rsvd"``, the default; its
+Gram route for ``k`` near ``min(m, n)/N``, exact when the Krylov space would
+cover ``min(m, n)``) or the dense ``torch.linalg.svd`` (``svd="exact"``, the
+paper's code).  Step 3's polar factors are dense SVDs of the ``m × Nk`` and
+``n × Nk`` stacks.  Memory: registered with ``register_per_task``, so the
+streaming engine reads one task vector at a time and keeps only the ``k``
+leading triplets of each (copies: the full ``U``/``Vh`` are freed at once).
 """
 from __future__ import annotations
 
 import torch
 
-from ._common import compute_dtype
-from .registry import register
+from ..ops import linalg as lops
+from .registry import register_per_task
 
 
 def _polar(M: torch.Tensor) -> torch.Tensor:
@@ -34,31 +40,34 @@ def _polar(M: torch.Tensor) -> torch.Tensor:
     return P @ Qh
 
 
-@register("tsv_m", paper="Task Singular Vectors: Reducing Task Interference in Model Merging",
-          url="https://arxiv.org/abs/2412.00081", params={"scaling": 1.0, "sv_reduction": None})
-def tsv_m_tensor(base, tensors, weights, *, name="", scaling=1.0, sv_reduction=None, **_):
-    """TSV-M of one tensor."""
-    n = len(tensors)
-    dt = compute_dtype(base)
-    b = base.to(dt)
-    if b.dim() != 2 or b.numel() == 0:
-        mean = torch.zeros_like(b)
-        for w, x in zip(weights, tensors):
-            mean += float(w) * (x.to(dt) - b)
-        return (b + float(scaling) * mean / n).to(base.dtype)
-    frac = 1.0 / n if sv_reduction is None else float(sv_reduction)
+def _reduce(tau, w, *, index, count, name, shape, sv_reduction=None, svd="rsvd", **_):
+    """One task's part: ``w·τ`` for a vector, its leading ``k`` singular triplets for a matrix."""
+    if svd not in ("rsvd", "exact"):
+        raise ValueError(f"tsv_m: svd must be 'rsvd' or 'exact', got {svd!r} (tensor {name!r})")
+    frac = 1.0 / count if sv_reduction is None else float(sv_reduction)
     if not 0.0 < frac <= 1.0:
         raise ValueError(f"tsv_m: sv_reduction must lie in (0, 1], got {sv_reduction!r} (tensor {name!r})")
-    k = max(1, int(min(b.shape) * frac))
-    Us, Ss, Vhs = [], [], []
-    for w, x in zip(weights, tensors):
-        U, S, Vh = torch.linalg.svd(float(w) * (x.to(dt) - b), full_matrices=False)
-        # numerically zero triplets add nothing to τ but their arbitrary vectors would bend step 3
-        keep = min(k, int((S > S[:1].clamp_min(1e-300) * (torch.finfo(dt).eps * max(b.shape))).sum()))
-        Us.append(U[:, :keep])
-        Ss.append(S[:keep])
-        Vhs.append(Vh[:keep])
-    U = _polar(torch.cat(Us, dim=1))
-    Vh = _polar(torch.cat(Vhs, dim=0).mT).mT
-    merged = (U * torch.cat(Ss)) @ Vh
-    return (b + float(scaling) * merged).to(base.dtype)
+    tau.mul_(float(w))
+    if len(shape) != 2 or tau.numel() == 0:
+        return tau
+    M = tau.view(shape)
+    k = max(1, int(min(shape) * frac))
+    U, S, Vh = lops.rsvd(M, k) if svd == "rsvd" else torch.linalg.svd(M, full_matrices=False)
+    # numerically zero triplets add nothing to τ but their arbitrary vectors would bend step 3
+    keep = min(k, int((S > S[:1].clamp_min(1e-300) * (torch.finfo(S.dtype).eps * max(shape))).sum()))
+    return U[:, :keep].clone(), S[:keep].clone(), Vh[:keep].clone()
+
+
+@register_per_task("tsv_m", paper="Task Singular Vectors: Reducing Task Interference in Model Merging",
+                   url="https://arxiv.org/abs/2412.00081", reduce=_reduce,
+                   params={"scaling": 1.0, "sv_reduction": None, "svd": "rsvd"})
+def tsv_m_combine(parts, *, name, shape, **_):
+    """TSV-M of one tensor from the tasks' parts: the mean for vectors, ``U⊥ Σ V⊥ᵀ`` for matrices."""
+    if not isinstance(parts[0], tuple):
+        mean = torch.zeros_like(parts[0])
+        for p in parts:
+            mean += p
+        return mean / len(parts)
+    U = _polar(torch.cat([p[0] for p in parts], dim=1))
+    Vh = _polar(torch.cat([p[2] for p in parts], dim=0).mT).mT
+    return ((U * torch.cat([p[1] for p in parts])) @ Vh).reshape(-1)
