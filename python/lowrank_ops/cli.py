@@ -11,6 +11,7 @@ Ctrl-C, 143 terminated by SIGTERM (nothing written in either case).
 from __future__ import annotations
 
 import argparse
+import ctypes
 import sys
 from typing import Callable, Optional, Sequence
 
@@ -31,11 +32,29 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_merge)
 
 
+def fixed_mmap_threshold(nbytes: int = 4 << 20) -> bool:
+    """Have glibc serve every allocation of ``nbytes`` or more by its own ``mmap``, unmapped when freed.
+
+    By default glibc raises its mmap threshold to the size of each mmapped block freed (up to 32 MB); blocks
+    below the raised threshold then come from the heap, where a freed block amid live ones stays resident.
+    Over a merge of many tensors that kept ~240 MB resident in vain (TSV-M on 4 × 500 MB models: 1132 MB peak
+    RSS, 895 MB with a fixed threshold).  ``mallopt(M_MMAP_THRESHOLD)`` fixes the threshold (and so turns the
+    raising off) for this process; the CLI calls it, the library never does.  False where there is no glibc.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        return bool(ctypes.CDLL("libc.so.6").mallopt(-3, int(nbytes)))  # -3: M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
+
+
 def _run_merge(args: argparse.Namespace) -> int:
     import lowrank_ops  # noqa: F401  (registers every merge method)
     from lowrank_ops.merge.config import ConfigError
     from lowrank_ops.merge.engine import MergeError, Terminated, merge_checkpoints
 
+    fixed_mmap_threshold()
     try:
         out = merge_checkpoints(args.config, args.out_dir, device=args.device, dtype=args.dtype,
                                 shard_size=args.shard_size, progress=not args.no_progress, force=args.force)

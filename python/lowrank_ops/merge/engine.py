@@ -462,6 +462,11 @@ def _merge_task_vectors(method, name, base, models, weights, params, device) -> 
     del b
     merged, lam = method.merged_delta(name, deltas, weights, shape, **params)
     del deltas
+    return _add_base(merged, lam, base, name, shape, like, device)
+
+
+def _add_base(merged, lam, base, name, shape, like, device) -> torch.Tensor:
+    """``θ_base + λ·f`` with the base read again, in ``f``'s buffer (the API's ``apply_delta``, bit for bit)."""
     out = merged.reshape(shape)
     if lam != 1:
         out.mul_(lam)
@@ -489,11 +494,7 @@ def _merge_per_task(method, name, base, models, weights, params, device) -> torc
             del t
 
     merged, lam = method.merged_from_tasks(name, taus(), weights, len(models), shape, **params)
-    out = merged.reshape(shape)
-    if lam != 1:
-        out.mul_(lam)
-    out.add_(base.read(name).to(device=device, dtype=out.dtype))
-    return out.to(like)
+    return _add_base(merged, lam, base, name, shape, like, device)
 
 
 def _publish(tmp: Path, out: Path) -> None:

@@ -181,7 +181,8 @@ def register_per_task(name: str, *, paper: str, url: str, reduce: Callable, para
 
     ``reduce(tau, w, *, index, count, name, shape, **params)`` gets one flattened task vector in the work dtype
     (it may overwrite or keep it), its weight, its index among ``count`` models, and returns what ``combine``
-    needs from it; ``combine(parts, *, name, shape, **params) -> (P,)`` gets the list of those.  λ is the
+    needs from it; ``combine(parts, *, name, shape, **params) -> (P,)`` gets the list of those (and may empty
+    it to free the parts early).  λ is the
     parameter named ``scale``.  The per-tensor form computes each ``τ_i`` when it is needed; the streaming engine
     reads one model at a time (:meth:`MergeMethod.merged_from_tasks`), so only the base, one task vector and the
     reductions are alive.

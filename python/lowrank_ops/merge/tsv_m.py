@@ -36,6 +36,14 @@ from .registry import register_per_task
 
 
 def _polar(M: torch.Tensor) -> torch.Tensor:
+    """The orthonormal polar factor ``P·Qᵀ`` of ``M = P·S·Qᵀ``.  A tall ``M`` (m > K) goes through its
+    Householder QR, ``polar(Q·R) = Q·polar(R)``, so the SVD works on the K × K ``R`` (its workspace is K², not
+    m·K) and ``M`` is dropped once factored (callers pass it as a temporary)."""
+    m, K = M.shape
+    if m > K:
+        Q, R = torch.linalg.qr(M)
+        del M
+        return Q @ _polar(R)
     P, _, Qh = torch.linalg.svd(M, full_matrices=False)
     return P @ Qh
 
@@ -68,6 +76,15 @@ def tsv_m_combine(parts, *, name, shape, **_):
         for p in parts:
             mean += p
         return mean / len(parts)
-    U = _polar(torch.cat([p[0] for p in parts], dim=1))
-    Vh = _polar(torch.cat([p[2] for p in parts], dim=0).mT).mT
-    return ((U * torch.cat([p[1] for p in parts])) @ Vh).reshape(-1)
+    Us, S, Vhs = [p[0] for p in parts], torch.cat([p[1] for p in parts]), [p[2] for p in parts]
+    parts.clear()  # each stack below then holds the only copy of its factors
+    U = _polar(_cat_(Us, 1))
+    Vh = _polar(_cat_(Vhs, 0).mT).mT
+    return ((U * S) @ Vh).reshape(-1)
+
+
+def _cat_(xs: list, dim: int) -> torch.Tensor:
+    """``torch.cat(xs, dim)``, emptying ``xs`` so the pieces are freed as soon as the stack exists."""
+    out = torch.cat(xs, dim=dim)
+    xs.clear()
+    return out
