@@ -136,12 +136,16 @@ def register(name: str, *, paper: str, url: str, needs_base: bool = True, params
     weights=..., **params)`` is then the method.
     """
     def deco(fn: Optional[Callable]) -> MergeMethod:
-        if name in METHODS:
-            raise ValueError(f"merge method {name!r} registered twice")
-        m = MergeMethod(name, None if state_fn is not None else fn, paper, url, needs_base, dict(params or {}), state_fn)
-        METHODS[name] = m
-        return m
+        return _add(MergeMethod(name, None if state_fn is not None else fn, paper, url, needs_base,
+                                dict(params or {}), state_fn))
     return deco
+
+
+def _add(method: MergeMethod) -> MergeMethod:
+    if method.name in METHODS:
+        raise ValueError(f"merge method {method.name!r} registered twice")
+    METHODS[method.name] = method
+    return method
 
 
 def register_delta(name: str, *, paper: str, url: str, params: Optional[dict] = None, sign: float = 1.0,
@@ -151,16 +155,14 @@ def register_delta(name: str, *, paper: str, url: str, params: Optional[dict] = 
     The decorated ``f(deltas, w, *, name, shape, **params) -> (P,)`` takes the stacked ``(N, P)`` task vectors
     (flattened, in the work dtype: fp64 stays fp64, else fp32; ``f`` may overwrite them), the ``(N,)`` weights and
     the tensor's name and shape.  ``params`` include the global scale λ, named by ``scale`` (default
-    ``"lambda"``, mergekit's name; a method whose paper names it otherwise passes that name).  The per-tensor form (state-dict API) stacks the deltas and applies λ; the streaming engine
-    instead fills the stack one model at a time and frees the base while ``f`` runs (:meth:`MergeMethod.merged_delta`).
+    ``"lambda"``, mergekit's name; a method whose paper names it otherwise passes that name).  The per-tensor
+    form (state-dict API) stacks the deltas and applies λ; the streaming engine instead fills the stack one
+    model at a time and frees the base while ``f`` runs (:meth:`MergeMethod.merged_delta`).
     """
     params = dict(params or {})
     params.setdefault(scale, 1.0)
 
     def deco(fn: Callable) -> MergeMethod:
-        if name in METHODS:
-            raise ValueError(f"merge method {name!r} registered twice")
-
         def tensor_fn(base, tensors, weights, *, name="", **p):
             from .sparsify import apply_delta, flat_deltas
 
@@ -168,8 +170,7 @@ def register_delta(name: str, *, paper: str, url: str, params: Optional[dict] = 
             return apply_delta(base, merged, tensors[0], lam)
 
         tensor_fn.__doc__, tensor_fn.__name__ = fn.__doc__, fn.__name__
-        method = MergeMethod(name, tensor_fn, paper, url, True, params, None, fn, float(sign), scale)
-        METHODS[name] = method
+        method = _add(MergeMethod(name, tensor_fn, paper, url, True, params, None, fn, float(sign), scale))
         return method
     return deco
 
@@ -182,8 +183,7 @@ def register_per_task(name: str, *, paper: str, url: str, reduce: Callable, para
     ``reduce(tau, w, *, index, count, name, shape, **params)`` gets one flattened task vector in the work dtype
     (it may overwrite or keep it), its weight, its index among ``count`` models, and returns what ``combine``
     needs from it; ``combine(parts, *, name, shape, **params) -> (P,)`` gets the list of those (and may empty
-    it to free the parts early).  λ is the
-    parameter named ``scale``.  The per-tensor form computes each ``τ_i`` when it is needed; the streaming engine
+    it to free the parts early).  λ is the parameter named ``scale``.  The per-tensor form computes each ``τ_i`` when it is needed; the streaming engine
     reads one model at a time (:meth:`MergeMethod.merged_from_tasks`), so only the base, one task vector and the
     reductions are alive.
     """
@@ -191,9 +191,6 @@ def register_per_task(name: str, *, paper: str, url: str, reduce: Callable, para
     params.setdefault(scale, 1.0)
 
     def deco(combine: Callable) -> MergeMethod:
-        if name in METHODS:
-            raise ValueError(f"merge method {name!r} registered twice")
-
         def tensor_fn(base, tensors, weights, *, name="", **p):
             from .sparsify import apply_delta, work_dtype
 
@@ -204,8 +201,8 @@ def register_per_task(name: str, *, paper: str, url: str, reduce: Callable, para
             return apply_delta(base, merged, tensors[0], lam)
 
         tensor_fn.__doc__, tensor_fn.__name__ = combine.__doc__, combine.__name__
-        method = MergeMethod(name, tensor_fn, paper, url, True, params, None, None, 1.0, scale, (reduce, combine))
-        METHODS[name] = method
+        method = _add(MergeMethod(name, tensor_fn, paper, url, True, params, None, None, 1.0, scale,
+                                  (reduce, combine)))
         return method
     return deco
 
