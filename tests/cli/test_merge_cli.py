@@ -149,6 +149,39 @@ def test_task_vector_methods_stream_bit_identical(tmp_path, method, dtype, monke
         assert torch.equal(got[k], ref[k]), k
 
 
+@pytest.mark.parametrize("with_base", [False, True])
+def test_lore_reads_models_lazily_and_matches_the_api(tmp_path, monkeypatch, with_base):
+    """LoRE (lazy_inputs) gets a sequence that reads model i from disk each time it is indexed: its matrices
+    are read again every iteration, the base never (LoRE ignores it), and the result is the API's exactly."""
+    from lowrank_ops.merge import engine
+
+    reads = []
+    real = engine.Checkpoint.read
+
+    def counting(self, name):
+        reads.append((self.path.name, name))
+        return real(self, name)
+
+    monkeypatch.setattr(engine.Checkpoint, "read", counting)
+    base_sd = make_state(0)
+    sds = [make_state(i, like=base_sd) for i in (1, 2, 3)]
+    paths = [write_model(tmp_path / f"ft{i}", sd) for i, sd in enumerate(sds)]
+    params = {"iters": 3, "mu_rel": 0.2}
+    cfg = {"merge_method": "lore", "parameters": params,
+           "models": [{"model": str(p), "parameters": {"weight": w}} for p, w in zip(paths, (1.0, 0.5, 2.0))]}
+    if with_base:
+        cfg["base_model"] = str(write_model(tmp_path / "base", base_sd))
+    assert main(["merge", str(write_config(tmp_path / "c.yaml", cfg)), str(tmp_path / "out"), "--no-progress"]) == 0
+    got = read_checkpoint(tmp_path / "out")
+    ref = merge.lore(None, sds, weights=[1.0, 0.5, 2.0], **params)
+    for k in base_sd:
+        assert torch.equal(got[k], ref[k]), k
+    w = "model.layers.0.mlp.up_proj.weight"
+    per_model = [n for p, n in reads if p == "ft0" and n == w]
+    assert len(per_model) > 4  # 3 iterations × 2 reads + the start: read on demand, not once
+    assert not [n for p, n in reads if p == "base" and n == w]
+
+
 def test_gradient_and_filter_parameters_and_dtype(tmp_path, models):
     base_sd, sds, base, paths = models
     # t is a gradient over the 3 layers for attention and 1 for everything with "mlp" in its name

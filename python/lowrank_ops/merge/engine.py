@@ -36,6 +36,7 @@ import shutil
 import signal
 import struct
 import tempfile
+from collections import abc
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -436,10 +437,27 @@ def _run(cfg, base, models, infos, calls, shards, tmp: Path, device, progress, c
             shutil.copyfile(origin, tmp / fname)
 
 
+class _LazyTensors(abc.Sequence):
+    """Model ``i``'s tensor ``name``, read from disk each time it is indexed (for ``lazy_inputs`` methods)."""
+
+    def __init__(self, models, name, device):
+        self.models, self.name, self.device = models, name, device
+
+    def __len__(self) -> int:
+        return len(self.models)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        return self.models[i].read(self.name).to(self.device)
+
+
 def _merge_read_all(method, name, info, base, models, weights, params, device) -> torch.Tensor:
-    """Any method: read the base and every model's tensor, merge.  N + 1 tensors plus the method's workspace."""
-    b = base.read(name).to(device) if base is not None else None
-    ts = [m.read(name).to(device) for m in models]
+    """Any method: read the base and every model's tensor, merge.  N + 1 tensors plus the method's workspace;
+    a ``lazy_inputs`` method instead reads model ``i`` whenever it indexes it (and a base only if it needs one)."""
+    lazy = method.lazy_inputs and _floating(info.dtype)
+    b = base.read(name).to(device) if base is not None and (method.needs_base or not lazy) else None
+    ts = _LazyTensors(models, name, device) if lazy else [m.read(name).to(device) for m in models]
     if not _floating(info.dtype):
         return b if b is not None else ts[0]
     with owned_inputs():  # b and ts are ours: a method may reuse b's storage

@@ -40,6 +40,7 @@ class MergeMethod:
     delta_sign: float = 1.0
     delta_scale: str = "lambda"  # the parameter that is λ (register_delta's / register_per_task's ``scale``)
     task_fns: Optional[tuple[Callable, Callable]] = None  # (reduce, combine), see register_per_task
+    lazy_inputs: bool = False  # tensor_fn indexes ``tensors`` when it needs a model (see register)
 
     @property
     def streamable(self) -> bool:
@@ -98,7 +99,8 @@ class MergeMethod:
         w = [1.0] * len(tensors) if weights is None else [float(x) for x in weights]
         if len(w) != len(tensors):
             raise ValueError(f"merge method {self.name!r}: {len(w)} weights for {len(tensors)} models")
-        return self.tensor_fn(base, list(tensors), w, name=name, **{**self.params, **params})
+        ts = tensors if self.lazy_inputs else list(tensors)
+        return self.tensor_fn(base, ts, w, name=name, **{**self.params, **params})
 
     def __call__(self, base_state: Optional[Mapping[str, Tensor]], states: Sequence[Mapping[str, Tensor]],
                  weights: Optional[Sequence[float]] = None, **params) -> dict[str, Tensor]:
@@ -128,16 +130,18 @@ METHODS: dict[str, MergeMethod] = {}
 
 
 def register(name: str, *, paper: str, url: str, needs_base: bool = True, params: Optional[dict] = None,
-             state_fn: Optional[Callable] = None):
+             state_fn: Optional[Callable] = None, lazy_inputs: bool = False):
     """Decorator: register a per-tensor merge function as method ``name``; returns the :class:`MergeMethod`.
 
-    ``params`` maps each method parameter to its default.  With ``state_fn`` the
+    ``params`` maps each method parameter to its default.  ``lazy_inputs``: the function reads ``tensors[i]``
+    each time it needs model ``i`` and keeps no reference to it (LoRE, which iterates over all models), so the
+    streaming engine may pass a sequence that reads the tensor from disk on each indexing.  With ``state_fn`` the
     decorated function may be None-returning glue; ``state_fn(base_state, states,
     weights=..., **params)`` is then the method.
     """
     def deco(fn: Optional[Callable]) -> MergeMethod:
         return _add(MergeMethod(name, None if state_fn is not None else fn, paper, url, needs_base,
-                                dict(params or {}), state_fn))
+                                dict(params or {}), state_fn, lazy_inputs=lazy_inputs))
     return deco
 
 
