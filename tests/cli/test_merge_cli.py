@@ -178,7 +178,7 @@ def test_lore_reads_models_lazily_and_matches_the_api(tmp_path, monkeypatch, wit
         assert torch.equal(got[k], ref[k]), k
     w = "model.layers.0.mlp.up_proj.weight"
     per_model = [n for p, n in reads if p == "ft0" and n == w]
-    assert len(per_model) > 4  # 3 iterations × 2 reads + the start: read on demand, not once
+    assert len(per_model) == 1 + 2 + 3  # the shape probe, two to start (mean, μ), one per iteration
     assert not [n for p, n in reads if p == "base" and n == w]
 
 

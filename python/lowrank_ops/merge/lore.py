@@ -15,15 +15,15 @@ arithmetic on the estimates, ``θ = θ₀ + scaling · Σ wᵢ δᵢ``.
 largest singular value of the centred models ``θᵢ − mean(θ)`` (scale-free).
 Non-matrix tensors (no nuclear norm) are averaged.
 
-Memory: each ``δᵢ`` is kept as its SVT factors ``(U_r·diag(S_r), V_rᵀ)`` (dense
-only when that would be larger), ``θ₀`` is accumulated in place and the
-objective is summed one model at a time, so the working set is one input,
-``θ₀``, its accumulator, one SVD and the factors — no stacks of ``N`` dense matrices.
+Memory: no ``δᵢ`` is kept.  Each iteration accumulates ``Σ(xᵢ − θ₀ − δᵢ)`` (the
+``θ₀`` step) and ``Σ wᵢδᵢ`` (the merge) model by model, and the objective comes
+from each SVD's own spectrum (see ``_iterate``), so the working set is ``θ₀``, the
+two accumulators, one model and one SVD, whatever ``N``.
 The method is base-free and iterates over all ``N`` models; it indexes
 ``tensors[i]`` whenever it needs model ``i`` and keeps none, so the streaming
 engine hands it a sequence that reads the model's tensor from disk each time
 (``lazy_inputs``): the inputs are then never all in memory, at the cost of
-two reads per model and iteration.
+one read per model and iteration.
 """
 from __future__ import annotations
 
@@ -38,19 +38,21 @@ from .registry import register
 
 def svt(M: Tensor, tau: float) -> tuple[Tensor, Tensor]:
     """``(SVT_τ(M), ‖SVT_τ(M)‖_*)``: singular values shrunk by ``tau`` (the prox of ``tau·‖·‖_*``)."""
-    f, nuc = _svt_factors(M, tau)
+    f, nuc, _ = _svt_factors(M, tau)
     return _dense(f), nuc
 
 
 def _svt_factors(M: Tensor, tau: float):
-    """SVT of ``M`` as ``((U_r·S_r, V_rᵀ) or a dense matrix when that is smaller, ‖·‖_*)``."""
+    """SVT of ``M`` as ``((U_r·S_r, V_rᵀ) or a dense matrix when that is smaller, ‖·‖_*, ‖M − SVT(M)‖²_F)``;
+    the last is ``Σ min(sⱼ, τ)²`` (``M − SVT_τ(M) = U·diag(min(s, τ))·Vᵀ``)."""
     U, S, Vh = torch.linalg.svd(M, full_matrices=False)
+    resid = float(S.clamp_max(tau).square().sum())
     S = (S - tau).clamp_min(0)
     r = int((S > 0).sum())
     m, n = M.shape
     if (m + n) * r >= m * n:
-        return (U[:, :r] * S[:r]) @ Vh[:r], S.sum()
-    return ((U[:, :r] * S[:r]), Vh[:r].clone()), S.sum()
+        return (U[:, :r] * S[:r]) @ Vh[:r], S.sum(), resid
+    return ((U[:, :r] * S[:r]), Vh[:r].clone()), S.sum(), resid
 
 
 def _dense(f) -> Tensor:
@@ -64,11 +66,16 @@ def _add_(out: Tensor, f, alpha: float = 1.0) -> Tensor:
     return out.add_(f, alpha=alpha)
 
 
-def _iterate(X: Sequence[Tensor], dt: torch.dtype, mu: Optional[float], mu_rel: float, iters: int, tol: float):
-    """``(θ₀, [δᵢ factored], objective per iteration)`` by SVT coordinate descent (Eq. 3) on 2-D ``X``.
+def _iterate(X: Sequence[Tensor], dt: torch.dtype, mu: Optional[float], mu_rel: float, iters: int, tol: float,
+             weights: Optional[Sequence[float]] = None, keep: bool = False):
+    """SVT coordinate descent (Eq. 3) on 2-D ``X``: ``(θ₀, Σ wᵢδᵢ, [δᵢ] if keep, objective per iteration)``.
 
-    ``X[i]`` is indexed whenever model ``i`` is needed and never kept (the streaming engine's sequence reads it
-    from disk each time: twice per iteration, plus twice to start)."""
+    Per iteration and model: ``Dᵢ = xᵢ − θ₀``, ``δᵢ = SVT_{μ/2}(Dᵢ)``; ``Σ(Dᵢ − δᵢ)`` and ``Σ wᵢδᵢ`` are
+    accumulated and ``δᵢ`` dropped (kept only for ``keep``).  The new ``θ₀' = θ₀ + g``, ``g = mean(Dᵢ − δᵢ)``,
+    and the objective at ``(θ₀', δ)`` is ``Σᵢ‖Dᵢ − δᵢ‖² − N‖g‖² + μ·Σᵢ‖δᵢ‖_*`` (expand
+    ``‖θ₀' + δᵢ − xᵢ‖² = ‖g − (Dᵢ − δᵢ)‖²``) with ``‖Dᵢ − δᵢ‖² = Σ min(s, μ/2)²`` from the SVD, so nothing of
+    size ``N·P`` is ever held.  ``X[i]`` is indexed whenever model ``i`` is needed and never kept (the
+    streaming engine's sequence reads it from disk each time: once per iteration, plus twice to start)."""
     n = len(X)
     theta0 = None
     for i in range(n):
@@ -79,39 +86,38 @@ def _iterate(X: Sequence[Tensor], dt: torch.dtype, mu: Optional[float], mu_rel: 
     if mu is None:
         mu = float(mu_rel) * max(float(torch.linalg.matrix_norm(X[i].to(dt) - theta0, ord=2)) for i in range(n))
     mu = float(mu)
-    facs: list = []
-    history: list[float] = []
+    w = [1.0] * n if weights is None else [float(v) for v in weights]
+    merged, deltas, history = torch.zeros_like(theta0), [], []
     for _ in range(int(iters)):
-        nuc = 0.0
-        facs = []
-        acc = torch.zeros_like(theta0)
-        for i in range(n):  # δᵢ from the current θ₀; the next θ₀ = mean(xᵢ − δᵢ) accumulated on the way
-            x = X[i].to(dt)
-            f, nn_ = _svt_factors(x - theta0, mu / 2)
-            facs.append(f)
-            nuc += float(nn_)
-            _add_(acc.add_(x), f, -1.0)
-            del x
-        theta0 = acc.div_(n)
+        obj, acc = 0.0, torch.zeros_like(theta0)
+        merged.zero_()
+        deltas = []
+        for i in range(n):
+            D = X[i].to(dt) - theta0
+            acc.add_(D)
+            f, nuc, resid = _svt_factors(D, mu / 2)
+            del D
+            obj += resid + mu * float(nuc)
+            _add_(acc, f, -1.0)
+            _add_(merged, f, w[i])
+            if keep:
+                deltas.append(_dense(f))
+            del f
+        theta0.add_(acc, alpha=1.0 / n)
+        obj -= float(torch.dot(acc.reshape(-1), acc.reshape(-1))) / n  # N‖g‖² = ‖Σ(Dᵢ − δᵢ)‖² / N
         del acc
-        obj = mu * nuc
-        for i, f in enumerate(facs):  # ‖θ₀ + δᵢ − xᵢ‖², one model at a time
-            r = _add_(theta0 - X[i].to(dt), f)
-            obj += float(torch.dot(r.reshape(-1), r.reshape(-1)))
-            del r
         history.append(obj)
         if len(history) > 1 and history[-2] - obj <= tol * max(abs(history[-2]), 1e-30):
             break
-    return theta0, facs, history
+    return theta0, merged, deltas, history
 
 
 def lore_estimate(tensors: Sequence[Tensor], mu: Optional[float] = None, mu_rel: float = 0.1, iters: int = 20,
                   tol: float = 1e-7) -> tuple[Tensor, list[Tensor], list[float]]:
     """``(θ₀, [δᵢ], objective per iteration)`` for 2-D ``tensors`` by SVT coordinate descent (Eq. 3)."""
     dt = compute_dtype(tensors[0])
-    theta0, facs, history = _iterate(tensors, dt, mu, mu_rel, iters, tol)
-    deltas = [_dense(f) for f in facs] if facs else [torch.zeros_like(theta0) for _ in tensors]
-    return theta0, deltas, history
+    theta0, _, deltas, history = _iterate(tensors, dt, mu, mu_rel, iters, tol, keep=True)
+    return theta0, deltas or [torch.zeros_like(theta0) for _ in tensors], history
 
 
 @register("lore", paper="LoRE-Merging: Exploring Low-Rank Estimation For Large Language Model Merging",
@@ -124,8 +130,5 @@ def lore_tensor(base, tensors, weights, *, name="", mu=None, mu_rel=0.1, iters=2
     del first  # the engine's lazy sequence reads a model each time it is indexed: hold none
     if not matrix:
         return torch.stack([tensors[i].to(dt) for i in range(len(tensors))]).mean(0).to(like)
-    theta0, facs, _ = _iterate(tensors, dt, mu, mu_rel, iters, 1e-7)
-    acc = torch.zeros_like(theta0)
-    for w, f in zip(weights, facs):
-        _add_(acc, f, float(w))
-    return theta0.add_(acc, alpha=float(scaling)).to(like)
+    theta0, merged, _, _ = _iterate(tensors, dt, mu, mu_rel, iters, 1e-7, weights=weights)
+    return theta0.add_(merged, alpha=float(scaling)).to(like)
