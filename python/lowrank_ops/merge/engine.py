@@ -469,9 +469,7 @@ def _merge_task_vectors(method, name, base, models, weights, params, device) -> 
     deltas are filled one model at a time, chunk by chunk, against the base; the base is dropped while ``f``
     runs (the deltas and ``f``'s output are the N + 1) and read again to add ``λ·f(τ)``.  Bit-identical to
     the per-tensor form (the same fp32/fp64 subtraction, scale and sum)."""
-    first = models[0].tensors[name]
-    shape, like = first.shape, first.dtype
-    wd = torch.float64 if like == torch.float64 else torch.float32
+    shape, like, wd = _layout(models, name)
     b = base.read(name).to(device=device, dtype=wd).reshape(-1)
     deltas = torch.empty((len(models), b.numel()), dtype=wd, device=device)
     for i, m in enumerate(models):
@@ -481,6 +479,12 @@ def _merge_task_vectors(method, name, base, models, weights, params, device) -> 
     merged, lam = method.merged_delta(name, deltas, weights, shape, **params)
     del deltas
     return _add_base(merged, lam, base, name, shape, like, device)
+
+
+def _layout(models, name):
+    """``(shape, stored dtype, work dtype)`` of tensor ``name`` (the work dtype: fp64 stays fp64, else fp32)."""
+    first = models[0].tensors[name]
+    return first.shape, first.dtype, torch.float64 if first.dtype == torch.float64 else torch.float32
 
 
 def _add_base(merged, lam, base, name, shape, like, device) -> torch.Tensor:
@@ -496,9 +500,7 @@ def _merge_per_task(method, name, base, models, weights, params, device) -> torc
     """A per-task method (:func:`register_per_task`, e.g. TSV-M): one task vector at a time, each read in
     chunks into a fresh buffer and reduced before the next is read; the base is dropped before the last task's
     reduction and the combination, and read again to add ``λ·f``.  Bit-identical to the per-tensor form."""
-    first = models[0].tensors[name]
-    shape, like = first.shape, first.dtype
-    wd = torch.float64 if like == torch.float64 else torch.float32
+    shape, like, wd = _layout(models, name)
 
     def taus():
         b = base.read(name).to(device=device, dtype=wd).reshape(-1)

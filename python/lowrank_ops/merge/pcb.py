@@ -86,7 +86,7 @@ def pcb_scores(deltas: Tensor, density: float = 0.1, clamp_ratio: float = 1e-4) 
             mlo, mhi = (float(v) for v in torch.aminmax(torch.abs(x, out=row)))
         st[i, :4] = torch.tensor([lo if clamp else 0.0, hi if clamp else 0.0, mlo, mhi], dtype=st.dtype)
         st[i, 3] = (st[i, 3] - st[i, 2]).clamp_min(_EPS)
-        for c0, c1 in chunks:
+        for c0, c1 in chunks:  # Σⱼτⱼ of the chunk recomputed per row: N adds instead of a P-sized buffer
             row[c0:c1] = _score(x[c0:c1], deltas[:, c0:c1].sum(0), st[i], n, clamp)[1]
         smax = row.max()
         st[i, 4] = _order_stats_(row, [i_thr])[0]

@@ -56,12 +56,7 @@ class MergeMethod:
             raise ValueError(f"merge method {self.name!r} is not a task-vector method")
         from .sparsify import weights_tensor
 
-        n = deltas.shape[0]
-        w = [1.0] * n if weights is None else [float(x) for x in weights]
-        if len(w) != n:
-            raise ValueError(f"merge method {self.name!r}: {len(w)} weights for {n} models")
-        p = self._params(params)
-        lam = float(p.pop(self.delta_scale, 1.0)) * self.delta_sign
+        w, p, lam = self._weights_and_scale(deltas.shape[0], weights, params)
         merged = self.delta_fn(deltas, weights_tensor(w, deltas), name=name, shape=tuple(shape), **p)
         return merged, lam
 
@@ -72,23 +67,24 @@ class MergeMethod:
         one at a time (each may be overwritten and is dropped before the next is drawn), and the signed scale
         λ, so that the merged tensor is ``θ_base + λ·f``."""
         reduce, combine = self.task_fns
-        w = [1.0] * n if weights is None else [float(x) for x in weights]
-        if len(w) != n:
-            raise ValueError(f"merge method {self.name!r}: {len(w)} weights for {n} models")
-        p = self._params(params)
-        lam = float(p.pop(self.delta_scale, 1.0)) * self.delta_sign
+        w, p, lam = self._weights_and_scale(n, weights, params)
         parts = []
         for i, tau in enumerate(taus):
             parts.append(reduce(tau, w[i], index=i, count=n, name=name, shape=tuple(shape), **p))
             del tau  # the caller's next task vector is read after this one is gone
         return combine(parts, name=name, shape=tuple(shape), **p), lam
 
-    def _params(self, params: dict) -> dict:
+    def _weights_and_scale(self, n: int, weights: Optional[Sequence[float]], params: dict):
+        """``(weights as n floats, the method's parameters without λ, signed λ)``; unknown parameters and a
+        wrong number of weights are errors."""
+        w = [1.0] * n if weights is None else [float(x) for x in weights]
+        if len(w) != n:
+            raise ValueError(f"merge method {self.name!r}: {len(w)} weights for {n} models")
         p = {**self.params, **params}
         extra = sorted(set(p) - set(self.params))
         if extra:
             raise TypeError(f"merge method {self.name!r}: unknown parameter(s) {extra}")
-        return p
+        return w, p, float(p.pop(self.delta_scale, 1.0)) * self.delta_sign
 
     def merge_tensor(self, name: str, base: Optional[Tensor], tensors: Sequence[Tensor],
                      weights: Optional[Sequence[float]] = None, **params) -> Tensor:
@@ -187,9 +183,9 @@ def register_per_task(name: str, *, paper: str, url: str, reduce: Callable, para
     ``reduce(tau, w, *, index, count, name, shape, **params)`` gets one flattened task vector in the work dtype
     (it may overwrite or keep it), its weight, its index among ``count`` models, and returns what ``combine``
     needs from it; ``combine(parts, *, name, shape, **params) -> (P,)`` gets the list of those (and may empty
-    it to free the parts early).  λ is the parameter named ``scale``.  The per-tensor form computes each ``τ_i`` when it is needed; the streaming engine
-    reads one model at a time (:meth:`MergeMethod.merged_from_tasks`), so only the base, one task vector and the
-    reductions are alive.
+    it to free the parts early).  λ is the parameter named ``scale``.  The per-tensor form computes each ``τ_i``
+    when it is needed; the streaming engine reads one model at a time (:meth:`MergeMethod.merged_from_tasks`),
+    so only the base, one task vector and the reductions are alive.
     """
     params = dict(params or {})
     params.setdefault(scale, 1.0)

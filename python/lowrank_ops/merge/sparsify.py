@@ -87,7 +87,7 @@ def disjoint_masks(deltas: Tensor, *, density: float = 0.25, n: Optional[int] = 
     Returns a bool ``(N, P)`` mask for ``(N, P)`` ``deltas``.
     """
     masks = torch.zeros_like(deltas, dtype=torch.bool)
-    for t, mk in _disjoint_masks(deltas, density, n, m, order, shape):
+    for t, mk in _disjoint_masks(deltas, density, n, m, *_disjoint_args(deltas, n, m, order, shape)):
         masks[t] = mk
     return masks
 
@@ -106,7 +106,7 @@ def apply_disjoint_masks_(deltas: Tensor, *, density: float = 0.25, n: Optional[
     if deltas.numel() == 0:
         return deltas
     if not use_nm:
-        for t, mk in _disjoint_masks(deltas, density, n, m, order, shape):
+        for t, mk in _disjoint_masks(deltas, density, n, m, order, shape, use_nm):
             for xc, mc in zip(deltas[t].split(chunk), mk.split(chunk)):  # chunks: mul_ by a bool mask
                 xc.mul_(mc)  # materialises it in the float dtype
         return deltas
@@ -134,9 +134,8 @@ def _disjoint_args(deltas: Tensor, n, m, order, shape):
     return order, shape, use_nm
 
 
-def _disjoint_masks(deltas: Tensor, density, n, m, order, shape):
-    """Yields ``(t, M_t)`` in pruning order (see :func:`disjoint_masks`)."""
-    order, shape, use_nm = _disjoint_args(deltas, n, m, order, shape)
+def _disjoint_masks(deltas: Tensor, density, n, m, order, shape, use_nm):
+    """Yields ``(t, M_t)`` in pruning order (see :func:`disjoint_masks`; the last three from :func:`_disjoint_args`)."""
     P = deltas.shape[1]
     taken = torch.zeros(P, dtype=torch.bool, device=deltas.device)
     for t in order:

@@ -22,8 +22,8 @@ in the orthogonalisation of step 3 (the paper's code keeps them).  When the task
 Step 1 uses ``lowrank_ops.ops.rsvd`` (``svd="rsvd"``, the default; its
 Gram route for ``k`` near ``min(m, n)/N``, exact when the Krylov space would
 cover ``min(m, n)``) or the dense ``torch.linalg.svd`` (``svd="exact"``, the
-paper's code).  Step 3's polar factors are dense SVDs of the ``m × Nk`` and
-``n × Nk`` stacks.  Memory: registered with ``register_per_task``, so the
+paper's code).  Step 3's polar factors come from dense SVDs: of the ``m × Nk``
+and ``n × Nk`` stacks, or for a tall stack of the ``Nk × Nk`` factor of its QR.  Memory: registered with ``register_per_task``, so the
 streaming engine reads one task vector at a time and keeps only the ``k``
 leading triplets of each (copies: the full ``U``/``Vh`` are freed at once).
 """
