@@ -26,22 +26,37 @@ inline at::ScalarType compute_dtype(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// Whether the CPU is an Intel one (CPUID vendor; false off x86).  MKL picks its
+// kernels by vendor, so which GEMM orientation is faster differs between Intel
+// and other x86 CPUs (below).  Defined in cpu_features.cpp, compiled by the host
+// compiler (this header is also read by nvcc).
+bool cpu_is_intel();
+
 // Whether y (M, N) = a·b should run as the mirrored product yᵀ = bᵀ·aᵀ into an
 // (N, M) scratch copied back transposed.  ATen hands BLAS a row-major y as the
 // column-major yᵀ, so few rows M (tokens) become BLAS's short *second*
-// dimension; MKL on the development machine (AMD EPYC, 2 threads, fp32) runs
-// that shape at half the speed of the mirrored call.  Measured, x·Wᵀ with W
-// 4096²: 16 tokens 16.6–23 ms direct vs 10.9 ms mirrored (+0.05 ms copy), 32:
-// 31 vs 15.5, 128: 73 vs 53, 512: 208 vs 193 (no longer worth the rule);
-// g·W (the input gradient): 16 tokens 29 vs 26, 64: 45 vs 35 — but 2 to 8
-// tokens with a transposed bᵀ fall off a cliff in MKL (12 → 170 ms), so
-// those stay direct.  One row is a matrix-vector product either way.  CPU
-// fp32/fp64 only: cuBLAS and the reduced-precision CPU paths are unaffected.
+// dimension, which MKL runs slower than the mirrored call for some M — by how
+// much depends on the CPU (measured with W 4096², fp32, 2 threads):
+//  * AMD EPYC (AVX2): x·Wᵀ at 16 tokens 16.6–23 ms direct vs 10.9 ms mirrored
+//    (+0.05 ms copy), 32: 31 vs 15.5, 128: 73 vs 53, 512: 208 vs 193 (no longer
+//    worth the rule); g·W (the input gradient): 16 tokens 29 vs 26, 64: 45 vs 35
+//    — but 2 to 8 tokens with a transposed bᵀ fall off a cliff (12 → 170 ms), so
+//    those stay direct.  Rule: forward 2..256 tokens, input gradient 16..256.
+//  * Intel Xeon (Sapphire Rapids, AVX-512): x·Wᵀ mirrored/direct = 0.70 at 8
+//    tokens, 0.61 at 16, 0.68 at 32, 0.79 at 48, 0.98 at 64, 1.06 at 256, but
+//    2.1 at 2–3 tokens; the mirrored g·W is slower at every count (1.12–3.1×).
+//    With W 1024² 8 tokens lose too (1.28), 16–48 win everywhere measured
+//    (0.58–0.88 on 1024², 1200×1300, 4096×14336, 14336×4096).  Rule: forward
+//    16..48 tokens, input gradient never.
+// One row is a matrix-vector product either way.  CPU fp32/fp64 only: cuBLAS
+// and the reduced-precision CPU paths are unaffected.
 inline bool mirror_few_rows_gemm(int64_t M, const at::Tensor& b) {
   const int64_t N = b.size(1);
   if (!b.device().is_cpu() || (b.scalar_type() != at::kFloat && b.scalar_type() != at::kDouble)) return false;
-  if (M > 256 || N < 4 * M) return false;
-  return b.t().is_contiguous() ? M >= 2 : M >= 16;
+  if (N < 4 * M) return false;
+  const bool forward = b.t().is_contiguous();  // b = Wᵀ (x·Wᵀ); the input gradient's b = W
+  if (cpu_is_intel()) return forward && M >= 16 && M <= 48;
+  return M <= 256 && (forward ? M >= 2 : M >= 16);
 }
 
 // y = a·b (+ bias, broadcast over rows) written into y, (M, N); mirrored when

@@ -51,7 +51,8 @@ CASES = [
     pytest.param((0,), 33, 17, 3, 0.5, True, id="T0"),
     pytest.param((3, 0, 2), 33, 17, 3, 0.5, True, id="empty_batch"),
     pytest.param((9,), 16, 40, 24, 1.0, True, id="rank_gt_in"),
-    # few tokens, wide W: the stacked [x; down] GEMM and the input gradient run mirrored on CPU (cpp/common.h)
+    # few tokens, wide W: the stacked [x; down] GEMM and the input gradient run mirrored on CPU where the
+    # rule says so (cpp/common.h, by CPU vendor)
     pytest.param((3,), 64, 90, 8, 0.5, True, id="few_rows_T3_r8_stacked"),
     pytest.param((2, 10), 100, 120, 4, -0.5, False, id="few_rows_T20_mirrored"),
 ]

@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from lowrank_ops.bench.gemm_rule import cpu_is_intel, few_rows_mirrored
 from lowrank_ops.ops import lowrank_linear
 from lowrank_ops.reference import lowrank_linear_ref
 from utils import (
@@ -152,7 +153,8 @@ FORWARD_CASES = ids(
         ("x_strided_rows", replace(BASE, layout="strided_rows", out_scale=True)),
         ("x_strided_cols", replace(BASE, layout="strided_cols", core="full", ru=4)),
         ("x_permuted_3d", replace(BASE, lead=(2, 5), layout="permuted", core="diag", out_scale=True)),
-        # few tokens, many features: the CPU kernel runs the base GEMM mirrored (cpp/common.h)
+        # few tokens, many features: the CPU kernel runs the base GEMM mirrored where its rule says so
+        # (cpp/common.h: by CPU vendor; 16..48 tokens mirrored on both)
         ("few_rows_T2_mirrored", replace(BASE, lead=(2,), in_=40, out=50)),
         ("few_rows_T16_mirrored", replace(BASE, lead=(16,), in_=96, out=80, out_scale=True)),
         ("few_rows_3d_mirrored", replace(BASE, lead=(4, 10), in_=200, out=190, core="diag")),
@@ -174,7 +176,7 @@ BACKWARD_CASES = ids(
         ("x_transposed", replace(BASE, layout="transposed", core="full", ru=4)),
         ("x_strided_cols", replace(BASE, layout="strided_cols", out_scale=True)),
         ("x_permuted_3d", replace(BASE, lead=(2, 5), layout="permuted", out_scale=True)),
-        # few tokens: forward mirrored; the input gradient mirrored from 16 tokens on (cpp/common.h)
+        # few tokens: forward and input gradient mirrored where the CPU rule says so (cpp/common.h)
         ("few_rows_T4", replace(BASE, lead=(4,), in_=40, out=50)),
         ("few_rows_T16_mirrored", replace(BASE, lead=(16,), in_=96, out=80, out_scale=True)),
         ("few_rows_3d_mirrored", replace(BASE, lead=(4, 10), in_=200, out=190, core="full", ru=4)),
@@ -238,9 +240,10 @@ def test_large_in_features_rank1(device):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("tokens", [1, 2, 16, 300])
 def test_few_rows_gemm_orientation(tokens, dtype):
-    """The CPU forward runs x·Wᵀ as the mirrored W·xᵀ for 2..256 tokens in fp32/fp64 (faster in MKL, see
-    cpp/common.h), the input gradient g·W as Wᵀ·gᵀ from 16 tokens; otherwise (and in bf16) ATen's own orientation.
-    The profiler's recorded aten::mm shapes show which ran; the values are checked by the cases above."""
+    """The CPU forward runs x·Wᵀ as the mirrored W·xᵀ and the input gradient g·W as Wᵀ·gᵀ for the token counts
+    where MKL runs that faster on this CPU vendor (cpp/common.h; restated in lowrank_ops.bench.gemm_rule), in
+    fp32/fp64 only; otherwise (and in bf16) ATen's own orientation.  The profiler's recorded aten::mm shapes show
+    which ran; the values are checked by the cases above."""
     from torch.profiler import profile
 
     n_in, n_out = 1200, 1300
@@ -249,10 +252,17 @@ def test_few_rows_gemm_orientation(tokens, dtype):
     with profile(record_shapes=True) as prof:
         call(OP, lv).backward(torch.ones(tokens, n_out, dtype=dtype))
     shapes = [e.input_shapes[:2] for e in prof.events() if e.name == "aten::mm"]
-    mirrored = dtype != torch.bfloat16 and 2 <= tokens <= 256
+    mirrored = few_rows_mirrored(tokens, n_out, dtype)
+    mirrored_bwd = few_rows_mirrored(tokens, n_in, dtype, backward=True)
+    # the rule itself, per vendor (a rule that silently mirrored nothing would pass the shape checks)
+    if dtype == torch.bfloat16 or tokens in (1, 300):
+        assert not mirrored and not mirrored_bwd
+    elif cpu_is_intel():
+        assert (mirrored, mirrored_bwd) == (tokens == 16, False)
+    else:
+        assert (mirrored, mirrored_bwd) == (True, tokens >= 16)
     assert ([[n_out, n_in], [n_in, tokens]] in shapes) == mirrored, shapes
     assert ([[tokens, n_in], [n_in, n_out]] in shapes) == (not mirrored), shapes
-    mirrored_bwd = mirrored and tokens >= 16
     assert ([[n_in, n_out], [n_out, tokens]] in shapes) == mirrored_bwd, shapes
     assert ([[tokens, n_out], [n_out, n_in]] in shapes) == (not mirrored_bwd), shapes
 

@@ -16,8 +16,9 @@ of tokens (batch × sequence) in a call.
   factors, vs the frozen layer's forward + input-gradient step.
 * ``floor_mirror`` rows — the same frozen layer with its GEMMs in the
   orientation this library's CPU kernels pick for few tokens (``W·xᵀ`` then a
-  transpose; ``cpp/common.h``): on MKL/AMD that beats ``F.linear`` by up to 2×
-  at 16–64 tokens, so it is the stricter floor.  Equal to ``floor`` elsewhere.
+  transpose; ``cpp/common.h``, by CPU vendor, ``bench.gemm_rule``): with MKL
+  that beats ``F.linear`` by up to 2× at 16 tokens (AMD and Intel alike), so
+  it is the stricter floor.  Equal to ``floor`` where the rule picks ATen's own.
 * ``dora_norm`` — ``ops.dora_norm`` (factored, never forms ``B·A``) vs
   ``dora_norm_ref`` (materializes ``W + s·B·A``) vs one pass over ``W``
   (``vector_norm(W, dim=1)``).
@@ -33,6 +34,7 @@ from torch import nn
 from ... import nn as lnn
 from ... import ops, reference
 from .. import Config, Impl, measure, register
+from ..gemm_rule import few_rows_mirrored
 from ._peft import peft_lora_layer
 
 SUITE = "lowrank"
@@ -96,11 +98,8 @@ def _factors(cfg: Config):
 
 
 def _mirrored(T: int, cfg: Config, backward: bool = False) -> bool:
-    """The rule of the CPU kernels' few-rows GEMM (``cpp/common.h``): run ``x·Wᵀ`` as ``(W·xᵀ)ᵀ`` for 2..256
-    tokens, the input gradient ``g·W`` as ``(Wᵀ·gᵀ)ᵀ`` for 16..256 tokens; CPU fp32/fp64 only."""
-    if cfg.device.type != "cpu" or cfg.dtype not in (torch.float32, torch.float64):
-        return False
-    return (16 if backward else 2) <= T <= 256
+    """The rule of the CPU kernels' few-rows GEMM (``cpp/common.h``; restated in ``bench.gemm_rule``)."""
+    return few_rows_mirrored(T, OUT if not backward else IN, cfg.dtype, cfg.device, backward)
 
 
 class _MirroredLinear(torch.autograd.Function):
