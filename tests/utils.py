@@ -10,6 +10,8 @@ tight bound against the fp64 reference.
 """
 from __future__ import annotations
 
+import math
+
 from typing import Optional, Sequence
 
 import pytest
@@ -105,6 +107,11 @@ def assert_close_to_ref(
     floor = (ATOL_FLOOR[dtype] if atol_floor is None else atol_floor) * scale
     err_ours = _max_abs_err(ours, ref_fp64)
     err_torch = _max_abs_err(torch_same_dtype, ref_fp64)
+    if not math.isfinite(err_torch) and bool(torch.isfinite(ref_fp64).all()):
+        # PyTorch's own reduced-precision result is non-finite where the fp64 one is not (seen: a bf16
+        # matmul of a column slice reading the NaN padding beyond it, with oneDNN on Intel CPUs), so it
+        # gives no error scale: hold ours to the floor alone.
+        err_torch = 0.0
     bound = factor * err_torch + floor
     assert err_ours <= bound, (
         f"{name} ({dtype}): max error vs fp64 reference {err_ours:.3e} > {factor} x PyTorch's "
