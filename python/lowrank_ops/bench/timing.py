@@ -40,7 +40,7 @@ def _sync(device: torch.device) -> None:
 
 def time_interleaved(fns: list[Callable[[], object]], min_run_time: float, *, device: torch.device,
                      warmup: int = 1, min_rounds: int = 5) -> tuple[list[Timing], list[list[float]]]:
-    """Time ``fns`` in alternating rounds; returns per-fn :class:`Timing` and the
+    """Time ``fns`` in alternating rounds (the order rotated each round); returns per-fn :class:`Timing` and the
     per-round seconds-per-call matrix ``[round][fn]`` (for paired ratios).
 
     Each fn gets a block size from one ``blocked_autorange`` probe (≥ ~20 ms
@@ -59,8 +59,12 @@ def time_interleaved(fns: list[Callable[[], object]], min_run_time: float, *, de
     rounds: list[list[float]] = []
     spent = 0.0
     while len(rounds) < min_rounds or spent < min_run_time * len(fns):
-        row = []
-        for fn, n in zip(fns, numbers):
+        row = [0.0] * len(fns)
+        # The order rotates by one each round, so no fn always runs right after the same other one (a
+        # fn that evicts the caches or fragments the heap would otherwise always slow down its successor).
+        start = len(rounds) % len(fns)
+        for j in [(start + k) % len(fns) for k in range(len(fns))]:
+            fn, n = fns[j], numbers[j]
             _sync(device)
             t0 = time.perf_counter()
             for _ in range(n):
@@ -68,7 +72,7 @@ def time_interleaved(fns: list[Callable[[], object]], min_run_time: float, *, de
             _sync(device)
             dt = time.perf_counter() - t0
             spent += dt
-            row.append(dt / n)
+            row[j] = dt / n
         rounds.append(row)
     timings = []
     for j, n in enumerate(numbers):
