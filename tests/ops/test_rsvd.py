@@ -51,7 +51,7 @@ def check_factors(U, S, Vh, m, n, rank, dtype, tol):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", PRECISE)
 @pytest.mark.parametrize("decay", [0.5, 1.0, 2.0])
-@pytest.mark.parametrize("m,n,rank", [(300, 260, 16), (97, 401, 7), (400, 120, 24)])
+@pytest.mark.parametrize("m,n,rank", [(300, 260, 16), (97, 401, 7), (400, 120, 24), (700, 620, 48), (560, 700, 56)])
 def test_error_within_1_05_of_optimal(device, dtype, decay, m, n, rank):
     """The contract at default parameters on decaying spectra (power laws S_i = i^-decay)."""
     A = spectrum_matrix(m, n, power_law(min(m, n), decay), dtype=dtype).to(device)
@@ -153,6 +153,31 @@ def test_exactly_low_rank(dtype):
     assert (S[5:] <= S[0] * (1e-12 if dtype == torch.float64 else 1e-5)).all()
 
 
+def test_wide_plan_fp32_gram_resolves_small_directions():
+    """Wide plan (rank + oversample >= 48: three blocks of 48 columns here), fp32, and a steep spectrum:
+    σ₄₈/σ₁ ≈ 4e-4 lies below what an fp32 Gram matrix of QᵀA resolves, so the final Rayleigh–Ritz step
+    must form it in fp64 — with an fp32 Gram matrix the error was 1.09× optimal on the same kind of input."""
+    A = spectrum_matrix(700, 620, power_law(620, 2.0), dtype=torch.float32, seed=2)
+    U, S, Vh = ops.rsvd(A, 48)
+    check_factors(U, S, Vh, 700, 620, 48, torch.float32, 1e-4)
+    assert frob_err(A, U, S, Vh) <= 1.01 * optimal_err(A, 48)
+
+
+@pytest.mark.parametrize("dtype", PRECISE)
+def test_wide_plan_exactly_low_rank_and_ill_conditioned(dtype):
+    """The wide plan on a rank-5 input asked for rank 48 (deflated blocks) and on a 1e-14 condition number."""
+    g = torch.Generator().manual_seed(0)
+    A = (torch.randn(700, 5, generator=g, dtype=torch.float64) @ torch.randn(5, 600, generator=g, dtype=torch.float64)).to(dtype)
+    U, S, Vh = ops.rsvd(A, 48)
+    tol = 1e-9 if dtype == torch.float64 else 1e-4
+    check_factors(U, S, Vh, 700, 600, 48, dtype, tol)
+    assert frob_err(A, U, S, Vh) / torch.linalg.norm(A.double()) < (1e-12 if dtype == torch.float64 else 1e-5)
+    A = spectrum_matrix(700, 600, torch.logspace(0, -14, 600, dtype=torch.float64), dtype=dtype, seed=3)
+    U, S, Vh = ops.rsvd(A, 48)
+    check_factors(U, S, Vh, 700, 600, 48, dtype, tol)
+    assert frob_err(A, U, S, Vh) <= 1.05 * optimal_err(A, 48) + 1e-6 * (dtype == torch.float32)
+
+
 def test_flat_spectrum_cluster_larger_than_block():
     """64 equal singular values (multiplicity above the 40-column block) plus noise: all are found."""
     g = torch.Generator().manual_seed(5)
@@ -187,8 +212,9 @@ def test_full_rank_and_tiny(m, n, rank):
 
 
 # --------------------------------------------------------------------------- the Gram route (short side)
-# When the Krylov space (⌊n_iter/2⌋+1)·(⌈3·rank/2⌉+oversample) would cover at least half
-# of min(m, n) (but not all of it), rsvd takes the eigenvectors of the short-side Gram matrix and one
+# When the Krylov space d·b (rsvd's block plan; at these ranks the narrow one,
+# (⌊n_iter/2⌋+1)·(⌈3·rank/2⌉+oversample)) would cover at least half of min(m, n) (but not
+# all of it), rsvd takes the eigenvectors of the short-side Gram matrix and one
 # Rayleigh–Ritz step through the long side.  These shapes are on that route, which
 # draws no random numbers: the seed-independence checks below confirm the route.
 

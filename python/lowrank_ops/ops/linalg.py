@@ -29,25 +29,42 @@ def rsvd(A: Tensor, rank: int, oversample: int = 8, n_iter: int = 2, seed: int =
     2. For ``i = 0…d−1``: ``Yᵢ = A·Pᵢ`` (one pass over ``A``), ``Qᵢ = orth(Yᵢ ⊥ Q₀…Qᵢ₋₁)``,
        ``Wᵢ = Aᵀ·Qᵢ`` (one pass over ``Aᵀ``), ``Pᵢ₊₁`` = a well-conditioned basis of ``Wᵢ``
        (one CholeskyQR round).  ``Q = [Q₀…Q_{d−1}]`` spans ``K``.
-    3. ``W = [W₀…W_{d−1}] = (QᵀA)ᵀ``: the recurrence's own products are the rows of
-       ``QᵀA``, so Musco & Musco's final pass is free.  ``W = Z·R`` (``Z`` orthonormal):
-       ``QᵀA = Rᵀ·Zᵀ`` and the SVD of the small ``(d·b)²`` matrix ``Rᵀ`` gives the factors
-       (Rayleigh–Ritz).  For odd ``n_iter`` one more pass ``A·Z`` and the SVD of the
-       ``m × d·b`` matrix ``A·Z`` (the two-sided projection ``A·Z·Zᵀ``, no worse than
-       ``Q·QᵀA``, whose rows lie in ``range(Z)``).
+    3. ``B = QᵀA = [W₀…W_{d−1}]ᵀ``: the recurrence's own products are the rows of
+       ``QᵀA``, so Musco & Musco's final pass is free (they are computed as ``Qᵢᵀ·A``,
+       rows of ``B``, the orientation BLAS runs fastest).  Rayleigh–Ritz without a QR
+       of the tall ``Bᵀ``: the top-``rank`` eigenvectors ``U_k`` of the ``(d·b)²`` Gram
+       matrix ``B·Bᵀ``, then the exact SVD of the projection ``U_k·(U_kᵀ·B)``
+       (``C = U_kᵀ·B``, ``Cᵀ = Z·R`` by CholeskyQR2, SVD of the ``rank²`` matrix ``C·Z``).
+       The Gram matrix is formed in the compute dtype, which perturbs the result only
+       to second order; for fp32, when ``σ_rank < ~0.011·σ₁`` it is formed again in fp64
+       (fp32's rounding would leave the last directions unresolved).  For odd
+       ``n_iter`` on the narrow plan (below) one more pass ``A·Z`` with ``Z = orth(Bᵀ)``
+       and the SVD of the ``m × d·b`` matrix ``A·Z`` (the two-sided projection
+       ``A·Z·Zᵀ``, no worse than ``Q·QᵀA``, whose rows lie in ``range(Z)``).
 
     ``Q`` is orthonormalised by block Gram–Schmidt twice with CholeskyQR rounds
     (BCGS2; Householder QR where a Cholesky fails or orthogonality is lost).
 
-    Parameters and their meaning here: block size ``b = ⌈3·rank/2⌉ + oversample``,
-    ``d = ⌊n_iter/2⌋ + 1`` blocks; ``n_iter + 2`` passes over ``A`` in all — the
-    fewest for the accuracy, because a pass over ``A`` with a block this narrow
-    costs about one read of ``A`` (memory-bound GEMM), nearly whatever its width.
-    Defaults: 4 passes of ``⌈3·rank/2⌉ + 8`` columns, Krylov degree 3 in a
-    ``2b``-dimensional space, against ``torch.svd_lowrank(q=rank+8, niter=2)``'s 6
-    passes of ``rank + 8`` (degree 5 in ``rank + 8`` dimensions); measured error
-    at or below svd_lowrank's (benchmark suite ``linalg``: 1.0022× optimal against
-    1.007–1.008× at 4096², rank 64; 1.0009× against 1.0006–1.0018× at rank 16).
+    Block plan, by what a pass over ``A`` costs (measured with MKL, fp32, 4096²):
+
+    * wide (``rank + oversample >= 48``): a GEMM with ≥ 48 columns is compute-bound,
+      its time ∝ its columns (and 10–20 % less per column at multiples of 16 on
+      AVX-512), so the space is split into more, narrower blocks at no extra cost:
+      ``d = n_iter + 1`` blocks of ``b = rank + oversample`` columns rounded down to a
+      multiple of 16 (not below ``rank``; not rounded when ``d = 1``) —
+      ``2·n_iter + 2`` passes, as many as ``torch.svd_lowrank(q = rank + oversample,
+      niter = n_iter)`` but keeping every block: a Krylov space of degree
+      ``2·n_iter + 1`` in ``d·b`` dimensions against svd_lowrank's single block.
+      Defaults at rank 64: 6 passes of 64 columns, a 192-dimensional space;
+    * narrow: a pass costs about one read of ``A`` whatever its width, so fewer,
+      wider passes: ``d = ⌊n_iter/2⌋ + 1`` blocks of ``⌈3·rank/2⌉ + oversample``
+      columns (``n_iter + 2`` passes).  Defaults at rank 16: 4 passes of 32 columns.
+
+    Measured (benchmark suite ``linalg``, ``docs/kernels.md``): at 4096², rank 64,
+    error ÷ optimal 1.0006 against svd_lowrank's 1.007–1.008 and at or below it on
+    six spectra (power laws, geometric, clustered, noise floor); at rank 16
+    1.0009 against 1.0006–1.0018 (but 1.0034 against 1.0013–1.0016 on a slow
+    ``i^-0.5`` decay).
 
     Other routes: when ``d·b ≥ min(m, n)`` the exact ``torch.linalg.svd``; when
     ``2·d·b ≥ min(m, n)`` (batches of short, wide matrices such as LoRA factors)
@@ -62,8 +79,8 @@ def rsvd(A: Tensor, rank: int, oversample: int = 8, n_iter: int = 2, seed: int =
         A: ``(..., m, n)``; leading dims are a batch.  fp64 is computed in fp64,
             everything else in fp32.
         rank: number of singular triplets, ``1 <= rank <= min(m, n)``.
-        oversample: extra columns per Krylov block.
-        n_iter: Krylov depth parameter (``n_iter + 2`` passes over ``A``), ``>= 0``.
+        oversample: extra columns per Krylov block (see the block plan).
+        n_iter: Krylov depth parameter (see the block plan), ``>= 0``.
         seed: seed of the Gaussian start block; results are deterministic for a
             seed on a device (the block is drawn on the CPU for every device).
 
