@@ -11,7 +11,6 @@ tight bound against the fp64 reference.
 from __future__ import annotations
 
 import math
-
 from typing import Optional, Sequence
 
 import pytest

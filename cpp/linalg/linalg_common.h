@@ -212,9 +212,8 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> rayleigh_ritz_gram(const a
 // built as a block Lanczos-type recurrence with full reorthogonalisation of Q:
 //   Yᵢ = A·Pᵢ,  Qᵢ = orth(Yᵢ ⊥ Q₀…Qᵢ₋₁),  Wᵢ = Aᵀ·Qᵢ,  Pᵢ₊₁ = (a well-conditioned basis of) Wᵢ.
 // Every product is used twice: the Wᵢ are the rows of QᵀA, so the final
-// Rayleigh–Ritz needs no extra pass — 2d passes over A in all.  The SVD of
-// QᵀA = Wᵀ comes from W = Z·R (Z orthonormal, n × d·b): QᵀA = Rᵀ·Zᵀ and the
-// SVD of the small (d·b)² matrix Rᵀ.
+// Rayleigh–Ritz needs no extra pass — 2d passes over A in all (plus A·Z on the
+// narrow plan with odd n_iter).  The SVD of QᵀA comes from rayleigh_ritz_gram.
 // Pᵢ only has to be well-conditioned (it is never part of the result), so one
 // CholeskyQR round suffices there; Q is orthonormalised by BCGS2 (see above).
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> rsvd_impl(const at::Tensor& A_in, int64_t rank,
