@@ -8,6 +8,8 @@
 
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
+#include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 
 #include <algorithm>
 #include <cmath>
@@ -33,10 +35,20 @@ inline void check_float_input(const at::Tensor& A, const char* op) {
 // One CholeskyQR round X·L⁻ᵀ with G = XᵀX = L·Lᵀ given; false if the Cholesky fails.
 // X·L⁻ᵀ is a GEMM with the small inverse: a triangular solve against the tall
 // transposed block is several times slower in LAPACK/MKL.
-inline bool cholqr_round(const at::Tensor& X, const at::Tensor& G, const at::Tensor& eye, at::Tensor& out) {
+// With `dst` given (a view, e.g. a column slice of a basis) X·L⁻ᵀ is written there
+// and `out` is `dst`.  `L_out`, when given, receives L.
+inline bool cholqr_round(const at::Tensor& X, const at::Tensor& G, const at::Tensor& eye, at::Tensor& out,
+                         const at::Tensor& dst = at::Tensor(), at::Tensor* L_out = nullptr) {
   auto [L, info] = at::linalg_cholesky_ex(G);
   if (info.ne(0).any().item<bool>()) return false;
-  out = at::matmul(X, at::linalg_solve_triangular(L, eye, /*upper=*/false).mT());
+  const at::Tensor Linv_t = at::linalg_solve_triangular(L, eye, /*upper=*/false).mT();
+  if (dst.defined()) {
+    at::matmul_out(const_cast<at::Tensor&>(dst), X, Linv_t);
+    out = dst;
+  } else {
+    out = at::matmul(X, Linv_t);
+  }
+  if (L_out) *L_out = L;
   return true;
 }
 
@@ -60,7 +72,9 @@ inline bool near_identity(const at::Tensor& G, const at::Tensor& eye) {
 // deflated Krylov block) or too much lost orthogonality — falls back to
 // Householder QR of the current block, always orthonormal.  Each check reads
 // one scalar (a sync on CUDA).  With Qp given, Y is consumed: projected in place.
-inline at::Tensor orthonormalize_against(at::Tensor Y, const at::Tensor& Qp) {
+// With `dst` given (same shape as Y, e.g. the block's slice of a basis) the result
+// is written there (straight from the last GEMM on the CholeskyQR path) and returned.
+inline at::Tensor orthonormalize_against(at::Tensor Y, const at::Tensor& Qp, const at::Tensor& dst = at::Tensor()) {
   const int64_t b = Y.size(-1);
   if (b == 0 || Y.size(-2) == 0) return Y.clone();
   const bool has_qp = Qp.defined() && Qp.size(-1) > 0;
@@ -75,7 +89,10 @@ inline at::Tensor orthonormalize_against(at::Tensor Y, const at::Tensor& Qp) {
     }
     return X;
   };
-  auto householder = [&](const at::Tensor& X) { return project(std::get<0>(at::linalg_qr(X, "reduced"))); };
+  auto householder = [&](const at::Tensor& X) {
+    at::Tensor Q = project(std::get<0>(at::linalg_qr(X, "reduced")));
+    return dst.defined() ? const_cast<at::Tensor&>(dst).copy_(Q) : Q;
+  };
   const auto eye = at::eye(b, Y.options());
   Y = project(Y);
   at::Tensor Q1;
@@ -86,7 +103,7 @@ inline at::Tensor orthonormalize_against(at::Tensor Y, const at::Tensor& Qp) {
   at::Tensor Y2 = project(Q1);
   at::Tensor G2 = at::matmul(Y2.mT(), Y2);
   at::Tensor Q;
-  if (!near_identity(G2, eye) || !cholqr_round(Y2, G2, eye, Q)) return householder(Y2);
+  if (!near_identity(G2, eye) || !cholqr_round(Y2, G2, eye, Q, dst)) return householder(Y2);
   return Q;
 }
 
@@ -172,18 +189,22 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> rsvd_gram(const at::Tensor
 }
 
 // The truncated SVD of A ≈ Q·B, B = QᵀA (L × n, rows given), without a QR of
-// the n × L matrix Bᵀ: the top-k left singular vectors U_k of B from the L × L
-// Gram matrix G = B·Bᵀ (one GEMM, an L × L eigh), then B is projected on them,
-// U_k·(U_kᵀ·B), and that rank-k matrix factored exactly: the rows of
-// C = U_kᵀ·B (k × n) orthonormalised, Cᵀ = Z·R (CholeskyQR2, see
-// orthonormalize), the k × k SVD of M = C·Z = Rᵀ = U_M·Σ·V_Mᵀ, so
-// A ≈ (Q·U_k·U_M)·Σ·(V_Mᵀ·Zᵀ).  The Gram matrix is formed in the compute dtype:
-// its rounding (u·‖B‖²) perturbs U_k by angles ~ u·σ₁²/gap, which changes the
-// projection's error only to second order and its orthonormality not at all
-// (Z and U_M are orthonormal whatever U_k is), as long as the k-th direction is
-// resolved at all — for fp32 that needs σ_k well above √u·σ₁, else G is formed
-// again in fp64.  Cost at L = 192, k = 64 on 4096 × 4096: ~4
-// ms against ~9 for CholeskyQR2 of Bᵀ (n × L), Zᵀ·B and an L × L SVD.
+// the n × L matrix Bᵀ: the top-k eigenpairs (λᵢ, uᵢ) of the L × L Gram matrix
+// G = B·Bᵀ (one GEMM, an L × L eigh) give the left singular vectors U_k of B,
+// B is projected on them, U_k·(U_kᵀ·B), and that rank-k matrix factored exactly.
+// The rows of C = U_kᵀ·B are orthogonal with norms σᵢ = √λᵢ up to G's rounding,
+// so C' = Σ⁻¹·C is orthonormal to within ‖C'C'ᵀ − I‖ ~ u·σ₁²/σ_k²: one CholeskyQR
+// round, C'·C'ᵀ = L·Lᵀ, makes it orthonormal to O(u) (the second-round analysis
+// of CholeskyQR2, Yamamoto et al. 2015, which needs ‖C'C'ᵀ − I‖ ≤ 1/2 — checked),
+// Z = C'ᵀ·L⁻ᵀ (n × k), and C = Σ·L·Zᵀ, so the k × k SVD of M = Σ·L = U_M·S·V_Mᵀ
+// gives A ≈ (Q·U_k·U_M)·S·(V_Mᵀ·Zᵀ).  Where that check fails (σ_k ≈ 0: B of rank
+// < k) Z = orth(Cᵀ) by CholeskyQR2/Householder and M = C·Z.  The Gram matrix is
+// formed in the compute dtype: its rounding (u·‖B‖²) perturbs U_k by angles
+// ~ u·σ₁²/gap, which changes the projection's error only to second order and its
+// orthonormality not at all (Z and U_M are orthonormal whatever U_k is), as long
+// as the k-th direction is resolved at all — for fp32 that needs σ_k well above
+// √u·σ₁, else G is formed again in fp64.  Cost at L = 192, k = 64 on 4096 × 4096:
+// ~3.5 ms against ~9 for CholeskyQR2 of Bᵀ (n × L), Zᵀ·B and an L × L SVD.
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> rayleigh_ritz_gram(const at::Tensor& Q, const at::Tensor& B,
                                                                         int64_t rank) {
   const int64_t L = B.size(-2);
@@ -196,15 +217,54 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> rayleigh_ritz_gram(const a
     const bool resolved = (evals.narrow(-1, L - rank, 1) >= evals.narrow(-1, L - 1, 1) * (1e3 * u)).all().item<bool>();
     if (!resolved) {
       const at::Tensor B64 = B.to(at::kDouble);
-      evecs = std::get<1>(at::linalg_eigh(at::matmul(B64, B64.mT()))).to(at::kFloat);
+      auto [e64, v64] = at::linalg_eigh(at::matmul(B64, B64.mT()));
+      evals = e64.to(at::kFloat);
+      evecs = v64.to(at::kFloat);
     }
   }
   const at::Tensor Uk = evecs.narrow(-1, L - rank, rank).flip(-1);  // L × k, largest first
-  const at::Tensor C = at::matmul(Uk.mT(), B);                                     // k × n
-  const at::Tensor Z = orthonormalize(C.mT());                                     // n × k
-  auto [Um, S, Vmh] = at::linalg_svd(at::matmul(C, Z), /*full_matrices=*/false);  // of M = C·Z, k × k
+  const at::Tensor sigma = evals.narrow(-1, L - rank, rank).flip(-1).clamp_min(0).sqrt();  // (…, k)
+  const auto eye = at::eye(rank, B.options());
+  at::Tensor Z, M, Lc;
+  // C' = Σ⁻¹·U_kᵀ·B (the scaling folded into the small U_k); σ = 0 gives Inf/NaN, which fails the check.
+  const at::Tensor Cs = at::matmul((Uk / sigma.unsqueeze(-2)).mT(), B);  // k × n
+  const at::Tensor Gs = at::matmul(Cs, Cs.mT());
+  if (near_identity(Gs, eye) && cholqr_round(Cs.mT(), Gs, eye, Z, at::Tensor(), &Lc)) {
+    M = sigma.unsqueeze(-1) * Lc;  // Σ·L
+  } else {
+    const at::Tensor C = at::matmul(Uk.mT(), B);  // k × n
+    Z = orthonormalize(C.mT());                   // n × k
+    M = at::matmul(C, Z);
+  }
+  auto [Um, S, Vmh] = at::linalg_svd(M, /*full_matrices=*/false);  // k × k
   return std::make_tuple(at::matmul(Q, at::matmul(Uk, Um)).contiguous(), S.contiguous(),
                          at::matmul(Vmh, Z.mT()).contiguous());
+}
+
+// Standard normal numbers of `size` for a seed, generated in parallel: fixed chunks
+// of 2¹⁶ numbers, chunk c from its own CPU generator seeded with splitmix64(seed, c),
+// so the result depends on the seed only — not on the thread count or the device
+// that asks.  (One generator stream costs ~3.5 ns a number: 3 ms for 14336 × 64.)
+inline at::Tensor gaussian_block(at::IntArrayRef size, int64_t seed, at::ScalarType dt) {
+  at::Tensor P = at::empty(size, at::TensorOptions().dtype(dt));
+  const int64_t N = P.numel();
+  constexpr int64_t kChunk = int64_t{1} << 16;
+  const int64_t chunks = (N + kChunk - 1) / kChunk;
+  at::Tensor flat = P.view({N});
+  const at::ThreadLocalState tls;  // inference/grad mode and dispatch keys, as on the calling thread
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    at::ThreadLocalStateGuard guard(tls);
+    for (int64_t c = c0; c < c1; ++c) {
+      uint64_t z = static_cast<uint64_t>(seed) + 0x9E3779B97F4A7C15ULL * static_cast<uint64_t>(c + 1);
+      z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;  // splitmix64 finaliser
+      z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+      z ^= z >> 31;
+      auto gen = at::make_generator<at::CPUGeneratorImpl>(z);
+      const int64_t len = std::min(kChunk, N - c * kChunk);
+      flat.narrow(0, c * kChunk, len).normal_(0.0, 1.0, gen);
+    }
+  });
+  return P;
 }
 
 // Randomized truncated SVD by block Krylov: Musco & Musco (2015) Alg. 2 — the
@@ -239,13 +299,11 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> rsvd_impl(const at::Tensor
     return rsvd_gram(A, rank, oversample);
   }
 
-  // Ω from a CPU generator: the same numbers for a seed on every device.  A
-  // Gaussian n × b block with b < n/2 is well-conditioned as it is.
-  auto gen = at::make_generator<at::CPUGeneratorImpl>(static_cast<uint64_t>(seed));
-  std::vector<int64_t> om_size(batch.begin(), batch.end());
-  om_size.push_back(n);
-  om_size.push_back(plan.block);
-  at::Tensor P = at::randn(om_size, gen, at::TensorOptions().dtype(dt)).to(A.device());
+  // Ω from CPU generators: the same numbers for a seed on every device, and one
+  // n × b block shared by a whole batch (the analysis is per matrix; Ω only has to
+  // be independent of A), so a batch member's result is the one rsvd gives for
+  // that matrix alone.  A Gaussian n × b block with b < n/2 is well-conditioned.
+  at::Tensor P = gaussian_block({n, plan.block}, seed, dt).to(A.device());
 
   const int64_t b = plan.block, L = plan.block * plan.depth;
   // Bases filled block by block (views of leading columns/rows, no re-concatenation).
@@ -260,8 +318,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> rsvd_impl(const at::Tensor
   at::Tensor Qall = at::empty(qsize, A.options()), Wtall = at::empty(wsize, A.options());
   for (int64_t i = 0; i < plan.depth; ++i) {
     at::Tensor Y = at::matmul(A, P);  // pass over A
-    const at::Tensor Qi = orthonormalize_against(Y, Qall.narrow(-1, 0, i * b));
-    Qall.narrow(-1, i * b, b).copy_(Qi);
+    const at::Tensor Qi = orthonormalize_against(Y, Qall.narrow(-1, 0, i * b), Qall.narrow(-1, i * b, b));
     at::Tensor Wti = Wtall.narrow(-2, i * b, b);
     at::matmul_out(Wti, Qi.mT(), A);  // pass over A: (Aᵀ·Qᵢ)ᵀ
     if (i + 1 < plan.depth) P = well_conditioned_basis(Wti.mT());

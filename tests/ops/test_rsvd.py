@@ -105,15 +105,28 @@ def test_batched_and_noncontiguous():
 
 
 def test_batched_krylov_route():
-    """Batched and transposed (non-contiguous) input on the Krylov route (2 blocks of 20 < 260/2)."""
+    """Batched and transposed (non-contiguous) input on the Krylov route (2 blocks of 20 < 260/2).  The
+    batch shares one start block, so each member's result is the one rsvd gives for that matrix alone."""
     A = spectrum_matrix(300, 260, power_law(260, 1.0), batch=(2,), dtype=torch.float32, seed=6)
     for X in (A, A.mT):
         m, n = X.shape[-2:]
         U, S, Vh = ops.rsvd(X, 8)
         check_factors(U, S, Vh, m, n, 8, torch.float32, 1e-4)
         assert bool((frob_err(X, U, S, Vh) <= 1.05 * optimal_err(X, 8)).all())
-        S1 = ops.rsvd(X[1].contiguous(), 8)[1]
-        torch.testing.assert_close(S[1], S1, rtol=1e-3, atol=1e-6)
+        for i in range(2):
+            U1, S1, Vh1 = ops.rsvd(X[i].contiguous(), 8)
+            torch.testing.assert_close(S[i], S1, rtol=1e-5, atol=1e-7)
+            torch.testing.assert_close((U[i] * S[i]) @ Vh[i], (U1 * S1) @ Vh1, rtol=0, atol=1e-5)
+
+
+def test_batched_wide_plan_members_match():
+    """The same on the wide plan (rank + oversample >= 48) in fp64."""
+    A = spectrum_matrix(700, 620, power_law(620, 1.0), batch=(2,), dtype=torch.float64, seed=7)
+    U, S, Vh = ops.rsvd(A, 48)
+    for i in range(2):
+        U1, S1, Vh1 = ops.rsvd(A[i].contiguous(), 48)
+        torch.testing.assert_close(S[i], S1, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close((U[i] * S[i]) @ Vh[i], (U1 * S1) @ Vh1, rtol=0, atol=1e-12)
 
 
 def test_deterministic_for_a_seed():
@@ -128,10 +141,11 @@ def test_deterministic_for_a_seed():
     assert not torch.equal(a[0], c[0])  # the seed reaches the start block
 
 
-@pytest.mark.parametrize("n_iter,oversample,bound", [(0, 8, 1.2), (1, 0, 1.15), (4, 3, 1.05)])
+@pytest.mark.parametrize("n_iter,oversample,bound", [(0, 8, 1.3), (1, 0, 1.15), (4, 3, 1.05)])
 def test_other_parameters(n_iter, oversample, bound):
     """Off the defaults the 1.05 contract is not promised (a 3-pass space, or 5-column blocks for rank 10),
-    but the result stays a valid, close truncated SVD."""
+    but the result stays a valid, close truncated SVD.  Bounds sit above the spread over start blocks
+    (seeds 0–19, this matrix: n_iter = 0 gives 1.14–1.22× optimal, n_iter = 1 without oversampling 1.01–1.08×)."""
     A = spectrum_matrix(200, 150, power_law(150, 1.0), dtype=torch.float64)
     U, S, Vh = ops.rsvd(A, 10, oversample=oversample, n_iter=n_iter)
     check_factors(U, S, Vh, 200, 150, 10, torch.float64, 1e-10)
