@@ -124,29 +124,23 @@ inline void check_rsvd(const at::Tensor& A, int64_t rank, int64_t oversample, in
 
 // Block sizes of the Krylov space (see ops/linalg.py's rsvd docstring for the why).
 struct KrylovPlan {
-  int64_t block;   // b: columns per block
-  int64_t depth;   // d: number of blocks; the space has d·b columns, 2·d passes over A
-  bool final_pass;  // one more pass, A·Z, for the two-sided Rayleigh–Ritz (n_iter + 2 passes in all)
+  int64_t block;  // b: columns per block
+  int64_t depth;  // d: number of blocks; the space has d·b columns, 2·d passes over A
 };
 
-// Two regimes, by what a pass over A costs (measured: MKL, fp32, A 4096²):
-//  * wide blocks (rank + oversample >= 48): a GEMM with >= 48 columns is
-//    compute-bound, its time ∝ its columns (and ~10–20% less per column at a
-//    multiple of 16 on AVX-512), so the space is split into more, narrower
-//    blocks at no extra cost per column: d = n_iter + 1 blocks (svd_lowrank's
-//    2·n_iter + 2 passes) of rank + oversample columns rounded down to a
-//    multiple of 16 (never below rank; not rounded with one block, where the
-//    oversampling is the only slack);
-//  * narrow blocks: a pass costs about one read of A whatever its width, so
-//    fewer, wider passes: d = ⌊n_iter/2⌋ + 1 blocks of ⌈3·rank/2⌉ + oversample
-//    columns, one more pass A·Z for odd n_iter (n_iter + 2 passes).
+// d = n_iter + 1 blocks — svd_lowrank's 2·n_iter + 2 passes, but every block is
+// kept (a Krylov space of degree 2·n_iter + 1 in d·b dimensions) — of rank +
+// oversample columns rounded down to a multiple of 16 (never below rank), where
+// AVX-512 GEMMs cost less per column: measured (MKL, fp32, A 4096², Intel
+// Sapphire Rapids) a pass of 16 columns takes 3.5 ms, of 20 or 24 4.4 ms, of 32
+// 5.6 ms; at rank 16, 3 blocks of 16 run 1.78× svd_lowrank (q = 24) at 1.0007×
+// the optimal error (svd_lowrank 1.0006×), 2 blocks of 32 1.70× at 1.0014×, 3 of
+// 20 1.43× at 1.0001×.  Not rounded where fewer than 16 columns would be left or
+// with one block (n_iter = 0), where the oversampling is the only slack.
 inline KrylovPlan rsvd_plan(int64_t rank, int64_t oversample, int64_t n_iter) {
-  const int64_t wide = rank + oversample;
-  if (wide >= 48) {
-    const int64_t depth = n_iter + 1;
-    return {depth >= 2 ? std::max(rank, wide / 16 * 16) : wide, depth, false};
-  }
-  return {(3 * rank + 1) / 2 + oversample, n_iter / 2 + 1, n_iter % 2 == 1};
+  const int64_t depth = n_iter + 1, wide = rank + oversample;
+  if (depth == 1 || wide < 16) return {wide, depth};
+  return {std::max(rank, wide / 16 * 16), depth};
 }
 
 // One CholeskyQR round (Householder QR where the Cholesky fails): a basis of
@@ -272,8 +266,8 @@ inline at::Tensor gaussian_block(at::IntArrayRef size, int64_t seed, at::ScalarT
 // built as a block Lanczos-type recurrence with full reorthogonalisation of Q:
 //   Yᵢ = A·Pᵢ,  Qᵢ = orth(Yᵢ ⊥ Q₀…Qᵢ₋₁),  Wᵢ = Aᵀ·Qᵢ,  Pᵢ₊₁ = (a well-conditioned basis of) Wᵢ.
 // Every product is used twice: the Wᵢ are the rows of QᵀA, so the final
-// Rayleigh–Ritz needs no extra pass — 2d passes over A in all (plus A·Z on the
-// narrow plan with odd n_iter).  The SVD of QᵀA comes from rayleigh_ritz_gram.
+// Rayleigh–Ritz needs no extra pass — 2d passes over A in all.  The SVD of QᵀA
+// comes from rayleigh_ritz_gram.
 // Pᵢ only has to be well-conditioned (it is never part of the result), so one
 // CholeskyQR round suffices there; Q is orthonormalised by BCGS2 (see above).
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> rsvd_impl(const at::Tensor& A_in, int64_t rank,
@@ -323,13 +317,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> rsvd_impl(const at::Tensor
     at::matmul_out(Wti, Qi.mT(), A);  // pass over A: (Aᵀ·Qᵢ)ᵀ
     if (i + 1 < plan.depth) P = well_conditioned_basis(Wti.mT());
   }
-  if (!plan.final_pass) return rayleigh_ritz_gram(Qall, Wtall, rank);  // A ≈ Q·(QᵀA), QᵀA = Wtall
-  // Odd n_iter on the narrow plan: one more pass.  A ≈ (A·Z)·Zᵀ with Z an orthonormal basis of
-  // the row space of QᵀA, no worse than Q·QᵀA (whose rows lie in range(Z)); SVD of the m × L matrix A·Z.
-  const at::Tensor Z = orthonormalize(Wtall.mT());
-  auto [Uy, S, Vyh] = at::linalg_svd(at::matmul(A, Z), /*full_matrices=*/false);
-  at::Tensor Vh = at::matmul(Vyh.narrow(-2, 0, rank), Z.mT());
-  return std::make_tuple(Uy.narrow(-1, 0, rank).contiguous(), S.narrow(-1, 0, rank).contiguous(), Vh.contiguous());
+  return rayleigh_ritz_gram(Qall, Wtall, rank);  // A ≈ Q·(QᵀA), QᵀA = Wtall
 }
 
 // ---------------------------------------------------------------- pivoted QR

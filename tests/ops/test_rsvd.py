@@ -105,7 +105,7 @@ def test_batched_and_noncontiguous():
 
 
 def test_batched_krylov_route():
-    """Batched and transposed (non-contiguous) input on the Krylov route (2 blocks of 20 < 260/2).  The
+    """Batched and transposed (non-contiguous) input on the Krylov route (3 blocks of 16 < 260/2).  The
     batch shares one start block, so each member's result is the one rsvd gives for that matrix alone."""
     A = spectrum_matrix(300, 260, power_law(260, 1.0), batch=(2,), dtype=torch.float32, seed=6)
     for X in (A, A.mT):
@@ -130,7 +130,7 @@ def test_batched_wide_plan_members_match():
 
 
 def test_deterministic_for_a_seed():
-    # 300 x 260 at rank 8: the Krylov route (2 blocks of 20 columns < 260/2); the
+    # 300 x 260 at rank 8: the Krylov route (3 blocks of 16 columns < 260/2); the
     # Gram route of shorter matrices draws no random numbers (test_gram_route_*).
     A = spectrum_matrix(300, 260, power_law(260, 0.5), dtype=torch.float32)
     a = ops.rsvd(A, 8, seed=3)
@@ -141,11 +141,12 @@ def test_deterministic_for_a_seed():
     assert not torch.equal(a[0], c[0])  # the seed reaches the start block
 
 
-@pytest.mark.parametrize("n_iter,oversample,bound", [(0, 8, 1.3), (1, 0, 1.15), (4, 3, 1.05)])
+@pytest.mark.parametrize("n_iter,oversample,bound", [(0, 8, 1.5), (1, 0, 1.15), (4, 3, 1.05)])
 def test_other_parameters(n_iter, oversample, bound):
-    """Off the defaults the 1.05 contract is not promised (a 3-pass space, or 5-column blocks for rank 10),
+    """Off the defaults the 1.05 contract is not promised (one 18-column block and 2 passes, or no oversampling),
     but the result stays a valid, close truncated SVD.  Bounds sit above the spread over start blocks
-    (seeds 0–19, this matrix: n_iter = 0 gives 1.14–1.22× optimal, n_iter = 1 without oversampling 1.01–1.08×)."""
+    (seeds 0–39, this matrix: n_iter = 0 — Halko's plain sketch — gives 1.22–1.36× optimal, n_iter = 1 without
+    oversampling 1.02–1.07×)."""
     A = spectrum_matrix(200, 150, power_law(150, 1.0), dtype=torch.float64)
     U, S, Vh = ops.rsvd(A, 10, oversample=oversample, n_iter=n_iter)
     check_factors(U, S, Vh, 200, 150, 10, torch.float64, 1e-10)
@@ -193,14 +194,16 @@ def test_wide_plan_exactly_low_rank_and_ill_conditioned(dtype):
 
 
 def test_flat_spectrum_cluster_larger_than_block():
-    """64 equal singular values (multiplicity above the 40-column block) plus noise: all are found."""
+    """64 equal singular values (multiplicity above the 48-column block at rank 40, Krylov route: 144 < 300/2)
+    plus noise: the top 40 lie in the cluster."""
     g = torch.Generator().manual_seed(5)
     m = n = 300
     U = torch.linalg.qr(torch.randn(m, 64, generator=g, dtype=torch.float64)).Q
     V = torch.linalg.qr(torch.randn(n, 64, generator=g, dtype=torch.float64)).Q
     A = (U @ V.T + 1e-3 * torch.randn(m, n, generator=g, dtype=torch.float64) / m**0.5).float()
-    Ur, Sr, Vhr = ops.rsvd(A, 64)
-    assert frob_err(A, Ur, Sr, Vhr) <= 1.05 * optimal_err(A, 64)
+    Ur, Sr, Vhr = ops.rsvd(A, 40)
+    assert frob_err(A, Ur, Sr, Vhr) <= 1.05 * optimal_err(A, 40)
+    assert_seed_dependent(A, 40)
 
 
 @pytest.mark.parametrize("dtype", PRECISE)
@@ -226,8 +229,8 @@ def test_full_rank_and_tiny(m, n, rank):
 
 
 # --------------------------------------------------------------------------- the Gram route (short side)
-# When the Krylov space d·b (rsvd's block plan; at these ranks the narrow one,
-# (⌊n_iter/2⌋+1)·(⌈3·rank/2⌉+oversample)) would cover at least half of min(m, n) (but not
+# When the Krylov space d·b (rsvd's block plan: n_iter + 1 blocks of rank + oversample
+# columns rounded down to a multiple of 16, never below rank) would cover at least half of min(m, n) (but not
 # all of it), rsvd takes the eigenvectors of the short-side Gram matrix and one
 # Rayleigh–Ritz step through the long side.  These shapes are on that route, which
 # draws no random numbers: the seed-independence checks below confirm the route.
@@ -236,6 +239,11 @@ def test_full_rank_and_tiny(m, n, rank):
 def assert_seed_free(A, rank):
     for x, y in zip(ops.rsvd(A, rank, seed=0), ops.rsvd(A, rank, seed=7)):
         assert torch.equal(x, y)
+
+
+def assert_seed_dependent(A, rank):
+    """The Krylov route: the start block, hence the result's rounding, depends on the seed."""
+    assert not torch.equal(ops.rsvd(A, rank, seed=0)[0], ops.rsvd(A, rank, seed=7)[0])
 
 
 @pytest.mark.parametrize("dtype", PRECISE)
@@ -247,7 +255,7 @@ def test_gram_route_ill_conditioned_wide(dtype, transpose):
     if transpose:
         A = A.mT
     m, n = A.shape
-    rank = 20  # block 38, space 76: 96/2 <= 76 < 96
+    rank = 20  # block 20, space 60: 96/2 <= 60 < 96
     U, S, Vh = ops.rsvd(A, rank)
     check_factors(U, S, Vh, m, n, rank, dtype, 1e-10 if dtype == torch.float64 else 1e-4)
     err, opt = frob_err(A, U, S, Vh), optimal_err(A, rank)
@@ -263,7 +271,7 @@ def test_gram_route_exactly_low_rank(dtype):
     g = torch.Generator().manual_seed(2)
     A = (torch.randn(60, 6, generator=g, dtype=torch.float64) @ torch.randn(6, 900, generator=g, dtype=torch.float64))
     A = A.to(dtype)
-    U, S, Vh = ops.rsvd(A, 10)  # block 23, space 46: 60/2 <= 46 < 60
+    U, S, Vh = ops.rsvd(A, 10)  # block 16, space 48: 60/2 <= 48 < 60
     assert_seed_free(A, 10)
     check_factors(U, S, Vh, 60, 900, 10, dtype, 1e-9 if dtype == torch.float64 else 1e-4)
     rel = frob_err(A, U, S, Vh) / torch.linalg.norm(A.double())
@@ -272,10 +280,10 @@ def test_gram_route_exactly_low_rank(dtype):
 
 def test_gram_route_batched_matches_members():
     """A batch of wide matrices (the LoRA-factor shape) on the Gram route: each member as good as alone."""
-    s = power_law(100, 1.0)
-    A = spectrum_matrix(100, 1000, s, batch=(5,), dtype=torch.float32, seed=4)
-    U, S, Vh = ops.rsvd(A, 16)  # block 32, space 64: 100/2 <= 64 < 100
-    check_factors(U, S, Vh, 100, 1000, 16, torch.float32, 1e-4)
+    s = power_law(90, 1.0)
+    A = spectrum_matrix(90, 1000, s, batch=(5,), dtype=torch.float32, seed=4)
+    U, S, Vh = ops.rsvd(A, 16)  # block 16, space 48: 90/2 <= 48 < 90
+    check_factors(U, S, Vh, 90, 1000, 16, torch.float32, 1e-4)
     assert bool((frob_err(A, U, S, Vh) <= 1.001 * optimal_err(A, 16)).all())
     for i in (0, 4):
         torch.testing.assert_close(S[i], ops.rsvd(A[i], 16)[1], rtol=1e-5, atol=1e-6)

@@ -69,10 +69,9 @@ def _rel_err(A, U, S, Vh) -> float:
 def _rsvd_plan(rank: int, oversample: int, n_iter: int) -> tuple[int, int, int]:
     """(block, depth, passes over A) of ``ops.rsvd``'s Krylov route (``rsvd_plan`` in
     cpp/linalg/linalg_common.h), for the nominal-flops column."""
-    if rank + oversample >= 48:
-        d = n_iter + 1
-        return (max(rank, (rank + oversample) // 16 * 16) if d >= 2 else rank + oversample), d, 2 * d
-    return (3 * rank + 1) // 2 + oversample, n_iter // 2 + 1, n_iter + 2
+    d, wide = n_iter + 1, rank + oversample
+    b = wide if d == 1 or wide < 16 else max(rank, wide // 16 * 16)
+    return b, d, 2 * d
 
 
 def _rsvd_case(cfg: Config, name: str, m: int, n: int, rank: int, batch: tuple = (), exact: bool = True):
