@@ -40,7 +40,7 @@ inline void check_float_input(const at::Tensor& A, const char* op) {
 inline bool cholqr_round(const at::Tensor& X, const at::Tensor& G, const at::Tensor& eye, at::Tensor& out,
                          const at::Tensor& dst = at::Tensor(), at::Tensor* L_out = nullptr) {
   auto [L, info] = at::linalg_cholesky_ex(G);
-  if (info.ne(0).any().item<bool>()) return false;
+  if (info.any().item<bool>()) return false;  // info ≠ 0: not positive definite
   const at::Tensor Linv_t = at::linalg_solve_triangular(L, eye, /*upper=*/false).mT();
   if (dst.defined()) {
     at::matmul_out(const_cast<at::Tensor&>(dst), X, Linv_t);
@@ -74,7 +74,8 @@ inline bool near_identity(const at::Tensor& G, const at::Tensor& eye) {
 // one scalar (a sync on CUDA).  With Qp given, Y is consumed: projected in place.
 // With `dst` given (same shape as Y, e.g. the block's slice of a basis) the result
 // is written there (straight from the last GEMM on the CholeskyQR path) and returned.
-inline at::Tensor orthonormalize_against(at::Tensor Y, const at::Tensor& Qp, const at::Tensor& dst = at::Tensor()) {
+inline at::Tensor orthonormalize_against(at::Tensor Y, const at::Tensor& Qp, const at::Tensor& dst = at::Tensor(),
+                                         const at::Tensor& eye_b = at::Tensor()) {
   const int64_t b = Y.size(-1);
   if (b == 0 || Y.size(-2) == 0) return Y.clone();
   const bool has_qp = Qp.defined() && Qp.size(-1) > 0;
@@ -93,7 +94,7 @@ inline at::Tensor orthonormalize_against(at::Tensor Y, const at::Tensor& Qp, con
     at::Tensor Q = project(std::get<0>(at::linalg_qr(X, "reduced")));
     return dst.defined() ? const_cast<at::Tensor&>(dst).copy_(Q) : Q;
   };
-  const auto eye = at::eye(b, Y.options());
+  const at::Tensor eye = eye_b.defined() ? eye_b : at::eye(b, Y.options());
   Y = project(Y);
   at::Tensor Q1;
   if (!cholqr_round(Y, at::matmul(Y.mT(), Y), eye, Q1)) {
@@ -145,9 +146,9 @@ inline KrylovPlan rsvd_plan(int64_t rank, int64_t oversample, int64_t n_iter) {
 
 // One CholeskyQR round (Householder QR where the Cholesky fails): a basis of
 // range(X) that is well-conditioned, which is all a Krylov start block needs.
-inline at::Tensor well_conditioned_basis(const at::Tensor& X) {
+inline at::Tensor well_conditioned_basis(const at::Tensor& X, const at::Tensor& eye) {
   at::Tensor out;
-  if (!cholqr_round(X, at::matmul(X.mT(), X), at::eye(X.size(-1), X.options()), out)) {
+  if (!cholqr_round(X, at::matmul(X.mT(), X), eye, out)) {
     out = std::get<0>(at::linalg_qr(X, "reduced"));
   }
   return out;
@@ -236,13 +237,13 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> rayleigh_ritz_gram(const a
 }
 
 // Standard normal numbers of `size` for a seed, generated in parallel: fixed chunks
-// of 2¹⁶ numbers, chunk c from its own CPU generator seeded with splitmix64(seed, c),
+// of 2¹⁴ numbers, chunk c from its own CPU generator seeded with splitmix64(seed, c),
 // so the result depends on the seed only — not on the thread count or the device
 // that asks.  (One generator stream costs ~3.5 ns a number: 3 ms for 14336 × 64.)
 inline at::Tensor gaussian_block(at::IntArrayRef size, int64_t seed, at::ScalarType dt) {
   at::Tensor P = at::empty(size, at::TensorOptions().dtype(dt));
   const int64_t N = P.numel();
-  constexpr int64_t kChunk = int64_t{1} << 16;
+  constexpr int64_t kChunk = int64_t{1} << 14;
   const int64_t chunks = (N + kChunk - 1) / kChunk;
   at::Tensor flat = P.view({N});
   const at::ThreadLocalState tls;  // inference/grad mode and dispatch keys, as on the calling thread
@@ -310,12 +311,13 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> rsvd_impl(const at::Tensor
   wsize.push_back(L);
   wsize.push_back(n);
   at::Tensor Qall = at::empty(qsize, A.options()), Wtall = at::empty(wsize, A.options());
+  const at::Tensor eye = at::eye(b, A.options());
   for (int64_t i = 0; i < plan.depth; ++i) {
     at::Tensor Y = at::matmul(A, P);  // pass over A
-    const at::Tensor Qi = orthonormalize_against(Y, Qall.narrow(-1, 0, i * b), Qall.narrow(-1, i * b, b));
+    const at::Tensor Qi = orthonormalize_against(Y, Qall.narrow(-1, 0, i * b), Qall.narrow(-1, i * b, b), eye);
     at::Tensor Wti = Wtall.narrow(-2, i * b, b);
     at::matmul_out(Wti, Qi.mT(), A);  // pass over A: (Aᵀ·Qᵢ)ᵀ
-    if (i + 1 < plan.depth) P = well_conditioned_basis(Wti.mT());
+    if (i + 1 < plan.depth) P = well_conditioned_basis(Wti.mT(), eye);
   }
   return rayleigh_ritz_gram(Qall, Wtall, rank);  // A ≈ Q·(QᵀA), QᵀA = Wtall
 }
