@@ -69,7 +69,11 @@ class Impl:
     call and returns the tensors to compare (output, and gradients for a
     training step); it defaults to ``[fn()]``.  ``reset`` frees what an earlier
     call left behind (gradients) so the memory measurement starts from the
-    steady state.
+    steady state.  ``interleave=False`` times the row in rounds of its own
+    instead of alternating it with the others (its ratios are then ratios of
+    medians): for a baseline so much slower, and so different in kind, that
+    running it between the others changes their conditions (see the linalg
+    suite's ``linalg.svd`` rows).
     """
 
     name: str
@@ -79,6 +83,7 @@ class Impl:
     nbytes: float = 0.0
     outputs: Optional[Callable[[], Sequence[torch.Tensor]]] = None
     reset: Optional[Callable[[], None]] = None
+    interleave: bool = True
 
     def run_outputs(self) -> list:
         if self.outputs is not None:
@@ -172,9 +177,14 @@ def measure(cfg: Config, case: str, impls: Sequence[Impl], *, memory: bool = Fal
             if impl.role in ("ours", "ref"):
                 outputs[impl.name] = impl.run_outputs()
     peaks = {}
-    tlist, rounds = time_interleaved([i.fn for i in impls], cfg.min_run_time, device=cfg.device,
+    together = [i for i in impls if i.interleave]
+    tlist, rounds = time_interleaved([i.fn for i in together], cfg.min_run_time, device=cfg.device,
                                      warmup=cfg.warmup, min_rounds=cfg.min_runs)
-    timings = {impl.name: t for impl, t in zip(impls, tlist)}
+    timings = {impl.name: t for impl, t in zip(together, tlist)}
+    for impl in impls:
+        if not impl.interleave:
+            timings[impl.name] = time_interleaved([impl.fn], cfg.min_run_time, device=cfg.device,
+                                                  warmup=cfg.warmup, min_rounds=cfg.min_runs)[0][0]
     if memory:
         for impl in impls:
             if impl.reset is not None:
@@ -193,13 +203,20 @@ def measure(cfg: Config, case: str, impls: Sequence[Impl], *, memory: bool = Fal
                                      if len(got) == len(want) else float("inf"))
     outputs.clear()
 
-    idx = {impl.name: k for k, impl in enumerate(impls)}
-    ref = idx[ref_impl.name] if ref_impl is not None else None
-    floor = next((idx[i.name] for i in impls if i.role == "floor"), None)
+    idx = {impl.name: k for k, impl in enumerate(together)}  # column in `rounds`
+    floor_impl = next((i for i in impls if i.role == "floor"), None)
+
+    def ratio(impl: Impl, base: Optional[Impl]) -> Optional[float]:
+        """Paired ratio over the rounds where both alternated, else the ratio of medians."""
+        if base is None:
+            return None
+        if impl.interleave and base.interleave:
+            return paired_ratio(rounds, idx[impl.name], idx[base.name])
+        return timings[impl.name].median / timings[base.name].median
+
     rows = []
     for impl in impls:
         t = timings[impl.name]
-        k = idx[impl.name]
         err = errors.get(impl.name)
         rows.append(Row(
             case=case,
@@ -209,8 +226,8 @@ def measure(cfg: Config, case: str, impls: Sequence[Impl], *, memory: bool = Fal
             iqr_ms=t.iqr * 1e3,
             runs=t.runs,
             gflops=gflops(impl.flops, t.median),
-            vs_ref=paired_ratio(rounds, k, ref) if ref is not None else None,
-            vs_floor=paired_ratio(rounds, k, floor) if floor is not None else None,
+            vs_ref=ratio(impl, ref_impl),
+            vs_floor=ratio(impl, floor_impl),
             peak_extra_mb=peaks.get(impl.name),
             check=None if err is None else bool(err <= cfg.tol),
             max_rel_err=err,

@@ -105,8 +105,11 @@ def _rsvd_case(cfg: Config, name: str, m: int, n: int, rank: int, batch: tuple =
         Impl("ref", "ref", ref, ref_flops, outputs=lambda: [bound]),
     ]
     if exact:
+        # Timed in rounds of its own: between the rsvd calls, this 25-100x slower LAPACK call changed their
+        # conditions (measured at 1024², rank 32: ours 3.6 -> 5.0 ms, svd_lowrank 5.7 -> 6.1 ms, both back
+        # with OMP_WAIT_POLICY=ACTIVE: the OpenMP threads fall asleep and every later GEMM wakes them).
         impls.append(Impl("svd", "floor", lambda: torch.linalg.svd(A, full_matrices=False),
-                          nb * 4 * m * n * min(m, n)))
+                          nb * 4 * m * n * min(m, n), interleave=False))
     shape = {"m": m, "n": n, "rank": rank, "q": q, "niter": NITER, "batch": list(batch), "decay": DECAY,
              "err_ours": e_ours, "err_svd_lowrank": e_ref, "err_opt": opt}
     return measure(cfg, name, impls, shape=shape)
