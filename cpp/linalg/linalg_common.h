@@ -8,8 +8,6 @@
 
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
-#include <ATen/Parallel.h>
-#include <ATen/ThreadLocalState.h>
 
 #include <algorithm>
 #include <cmath>
@@ -36,9 +34,9 @@ inline void check_float_input(const at::Tensor& A, const char* op) {
 // X·L⁻ᵀ is a GEMM with the small inverse: a triangular solve against the tall
 // transposed block is several times slower in LAPACK/MKL.
 // With `dst` given (a view, e.g. a column slice of a basis) X·L⁻ᵀ is written there
-// and `out` is `dst`.  `L_out`, when given, receives L.
+// and `out` is `dst`.
 inline bool cholqr_round(const at::Tensor& X, const at::Tensor& G, const at::Tensor& eye, at::Tensor& out,
-                         const at::Tensor& dst = at::Tensor(), at::Tensor* L_out = nullptr) {
+                         const at::Tensor& dst = at::Tensor()) {
   auto [L, info] = at::linalg_cholesky_ex(G);
   if (info.any().item<bool>()) return false;  // info ≠ 0: not positive definite
   const at::Tensor Linv_t = at::linalg_solve_triangular(L, eye, /*upper=*/false).mT();
@@ -48,7 +46,6 @@ inline bool cholqr_round(const at::Tensor& X, const at::Tensor& G, const at::Ten
   } else {
     out = at::matmul(X, Linv_t);
   }
-  if (L_out) *L_out = L;
   return true;
 }
 
@@ -194,7 +191,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> rsvd_gram(const at::Tensor
 // round, C'·C'ᵀ = L·Lᵀ, makes it orthonormal to O(u) (the second-round analysis
 // of CholeskyQR2, Yamamoto et al. 2015, which needs ‖C'C'ᵀ − I‖ ≤ 1/2 — checked),
 // Z = C'ᵀ·L⁻ᵀ (n × k), and C = Σ·L·Zᵀ, so the k × k SVD of M = Σ·L = U_M·S·V_Mᵀ
-// gives A ≈ (Q·U_k·U_M)·S·(V_Mᵀ·Zᵀ).  Where that check fails (σ_k ≈ 0: B of rank
+// gives A ≈ (Q·U_k·U_M)·S·(V_Mᵀ·Zᵀ), Zᵀ = L⁻¹·C'.  Where that check fails (σ_k ≈ 0: B of rank
 // < k) Z = orth(Cᵀ) by CholeskyQR2/Householder and M = C·Z.  The Gram matrix is
 // formed in the compute dtype: its rounding (u·‖B‖²) perturbs U_k by angles
 // ~ u·σ₁²/gap, which changes the projection's error only to second order and its
@@ -222,46 +219,25 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> rayleigh_ritz_gram(const a
   const at::Tensor Uk = evecs.narrow(-1, L - rank, rank).flip(-1);  // L × k, largest first
   const at::Tensor sigma = evals.narrow(-1, L - rank, rank).flip(-1).clamp_min(0).sqrt();  // (…, k)
   const auto eye = at::eye(rank, B.options());
-  at::Tensor Z, M, Lc;
   // C' = Σ⁻¹·U_kᵀ·B (the scaling folded into the small U_k); σ = 0 gives Inf/NaN, which fails the check.
   const at::Tensor Cs = at::matmul((Uk / sigma.unsqueeze(-2)).mT(), B);  // k × n
   const at::Tensor Gs = at::matmul(Cs, Cs.mT());
-  if (near_identity(Gs, eye) && cholqr_round(Cs.mT(), Gs, eye, Z, at::Tensor(), &Lc)) {
-    M = sigma.unsqueeze(-1) * Lc;  // Σ·L
-  } else {
-    const at::Tensor C = at::matmul(Uk.mT(), B);  // k × n
-    Z = orthonormalize(C.mT());                   // n × k
-    M = at::matmul(C, Z);
+  if (near_identity(Gs, eye)) {
+    auto [Lc, info] = at::linalg_cholesky_ex(Gs);
+    if (!info.any().item<bool>()) {
+      // Z = C'ᵀ·L⁻ᵀ is never formed: Vh = V_Mᵀ·Zᵀ = (V_Mᵀ·L⁻¹)·C', a k × k factor
+      // (L ≈ I) applied to the k × n rows.
+      auto [Um, S, Vmh] = at::linalg_svd(sigma.unsqueeze(-1) * Lc, /*full_matrices=*/false);  // M = Σ·L
+      const at::Tensor Linv = at::linalg_solve_triangular(Lc, eye, /*upper=*/false);
+      return std::make_tuple(at::matmul(Q, at::matmul(Uk, Um)).contiguous(), S.contiguous(),
+                             at::matmul(at::matmul(Vmh, Linv), Cs).contiguous());
+    }
   }
-  auto [Um, S, Vmh] = at::linalg_svd(M, /*full_matrices=*/false);  // k × k
+  const at::Tensor C = at::matmul(Uk.mT(), B);  // k × n
+  const at::Tensor Z = orthonormalize(C.mT());  // n × k
+  auto [Um, S, Vmh] = at::linalg_svd(at::matmul(C, Z), /*full_matrices=*/false);  // k × k
   return std::make_tuple(at::matmul(Q, at::matmul(Uk, Um)).contiguous(), S.contiguous(),
                          at::matmul(Vmh, Z.mT()).contiguous());
-}
-
-// Standard normal numbers of `size` for a seed, generated in parallel: fixed chunks
-// of 2¹⁴ numbers, chunk c from its own CPU generator seeded with splitmix64(seed, c),
-// so the result depends on the seed only — not on the thread count or the device
-// that asks.  (One generator stream costs ~3.5 ns a number: 3 ms for 14336 × 64.)
-inline at::Tensor gaussian_block(at::IntArrayRef size, int64_t seed, at::ScalarType dt) {
-  at::Tensor P = at::empty(size, at::TensorOptions().dtype(dt));
-  const int64_t N = P.numel();
-  constexpr int64_t kChunk = int64_t{1} << 14;
-  const int64_t chunks = (N + kChunk - 1) / kChunk;
-  at::Tensor flat = P.view({N});
-  const at::ThreadLocalState tls;  // inference/grad mode and dispatch keys, as on the calling thread
-  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-    at::ThreadLocalStateGuard guard(tls);
-    for (int64_t c = c0; c < c1; ++c) {
-      uint64_t z = static_cast<uint64_t>(seed) + 0x9E3779B97F4A7C15ULL * static_cast<uint64_t>(c + 1);
-      z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;  // splitmix64 finaliser
-      z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
-      z ^= z >> 31;
-      auto gen = at::make_generator<at::CPUGeneratorImpl>(z);
-      const int64_t len = std::min(kChunk, N - c * kChunk);
-      flat.narrow(0, c * kChunk, len).normal_(0.0, 1.0, gen);
-    }
-  });
-  return P;
 }
 
 // Randomized truncated SVD by block Krylov: Musco & Musco (2015) Alg. 2 — the
@@ -296,11 +272,12 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> rsvd_impl(const at::Tensor
     return rsvd_gram(A, rank, oversample);
   }
 
-  // Ω from CPU generators: the same numbers for a seed on every device, and one
+  // Ω from a CPU generator: the same numbers for a seed on every device, and one
   // n × b block shared by a whole batch (the analysis is per matrix; Ω only has to
   // be independent of A), so a batch member's result is the one rsvd gives for
   // that matrix alone.  A Gaussian n × b block with b < n/2 is well-conditioned.
-  at::Tensor P = gaussian_block({n, plan.block}, seed, dt).to(A.device());
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(static_cast<uint64_t>(seed));
+  at::Tensor P = at::randn({n, plan.block}, gen, at::TensorOptions().dtype(dt)).to(A.device());
 
   const int64_t b = plan.block, L = plan.block * plan.depth;
   // Bases filled block by block (views of leading columns/rows, no re-concatenation).
