@@ -25,46 +25,42 @@ def rsvd(A: Tensor, rank: int, oversample: int = 8, n_iter: int = 2, seed: int =
     with ``Q = orth(K)``), built as a block Lanczos-type recurrence with full
     reorthogonalisation of ``Q``:
 
-    1. ``P₀ = Ω (n, b)`` Gaussian from a CPU generator seeded with ``seed``.
+    1. ``P₀ = Ω (n, b)`` Gaussian from a CPU generator seeded with ``seed``, one
+       block for a whole batch (the analysis is per matrix), so a batch member's
+       result is the one ``rsvd`` gives for that matrix alone.
     2. For ``i = 0…d−1``: ``Yᵢ = A·Pᵢ`` (one pass over ``A``), ``Qᵢ = orth(Yᵢ ⊥ Q₀…Qᵢ₋₁)``,
        ``Wᵢ = Aᵀ·Qᵢ`` (one pass over ``Aᵀ``), ``Pᵢ₊₁`` = a well-conditioned basis of ``Wᵢ``
        (one CholeskyQR round).  ``Q = [Q₀…Q_{d−1}]`` spans ``K``.
     3. ``B = QᵀA = [W₀…W_{d−1}]ᵀ``: the recurrence's own products are the rows of
        ``QᵀA``, so Musco & Musco's final pass is free (they are computed as ``Qᵢᵀ·A``,
        rows of ``B``, the orientation BLAS runs fastest).  Rayleigh–Ritz without a QR
-       of the tall ``Bᵀ``: the top-``rank`` eigenvectors ``U_k`` of the ``(d·b)²`` Gram
-       matrix ``B·Bᵀ``, then the exact SVD of the projection ``U_k·(U_kᵀ·B)``
-       (``C = U_kᵀ·B``, ``Cᵀ = Z·R`` by CholeskyQR2, SVD of the ``rank²`` matrix ``C·Z``).
-       The Gram matrix is formed in the compute dtype, which perturbs the result only
-       to second order; for fp32, when ``σ_rank < ~0.011·σ₁`` it is formed again in fp64
-       (fp32's rounding would leave the last directions unresolved).  For odd
-       ``n_iter`` on the narrow plan (below) one more pass ``A·Z`` with ``Z = orth(Bᵀ)``
-       and the SVD of the ``m × d·b`` matrix ``A·Z`` (the two-sided projection
-       ``A·Z·Zᵀ``, no worse than ``Q·QᵀA``, whose rows lie in ``range(Z)``).
+       of the tall ``Bᵀ``: the top-``rank`` eigenpairs ``(λᵢ, uᵢ)`` of the ``(d·b)²`` Gram
+       matrix ``B·Bᵀ``, then the exact SVD of the projection ``U_k·(U_kᵀ·B)``: the rows
+       of ``C' = Σ⁻¹·U_kᵀ·B`` (``σᵢ = √λᵢ``) are orthonormal up to the Gram matrix's
+       rounding, so one CholeskyQR round ``C'·C'ᵀ = L·Lᵀ`` finishes them (checked:
+       ``‖C'C'ᵀ − I‖ ≤ 1/2``, else CholeskyQR2 of ``U_kᵀ·B``), and ``U_kᵀ·B = (Σ·L)·Zᵀ``
+       with ``Zᵀ = L⁻¹·C'`` orthonormal: the SVD of the ``rank²`` matrix ``Σ·L`` gives
+       the result.  The Gram matrix is formed in the compute dtype, which perturbs the
+       result only to second order; for fp32, when ``σ_rank < ~0.011·σ₁`` it is formed
+       again in fp64 (fp32's rounding would leave the last directions unresolved).
 
     ``Q`` is orthonormalised by block Gram–Schmidt twice with CholeskyQR rounds
     (BCGS2; Householder QR where a Cholesky fails or orthogonality is lost).
 
-    Block plan, by what a pass over ``A`` costs (measured with MKL, fp32, 4096²):
-
-    * wide (``rank + oversample >= 48``): a GEMM with ≥ 48 columns is compute-bound,
-      its time ∝ its columns (and 10–20 % less per column at multiples of 16 on
-      AVX-512), so the space is split into more, narrower blocks at no extra cost:
-      ``d = n_iter + 1`` blocks of ``b = rank + oversample`` columns rounded down to a
-      multiple of 16 (not below ``rank``; not rounded when ``d = 1``) —
-      ``2·n_iter + 2`` passes, as many as ``torch.svd_lowrank(q = rank + oversample,
-      niter = n_iter)`` but keeping every block: a Krylov space of degree
-      ``2·n_iter + 1`` in ``d·b`` dimensions against svd_lowrank's single block.
-      Defaults at rank 64: 6 passes of 64 columns, a 192-dimensional space;
-    * narrow: a pass costs about one read of ``A`` whatever its width, so fewer,
-      wider passes: ``d = ⌊n_iter/2⌋ + 1`` blocks of ``⌈3·rank/2⌉ + oversample``
-      columns (``n_iter + 2`` passes).  Defaults at rank 16: 4 passes of 32 columns.
+    Block plan: ``d = n_iter + 1`` blocks — ``2·n_iter + 2`` passes, as many as
+    ``torch.svd_lowrank(q = rank + oversample, niter = n_iter)``, but keeping every
+    block: a Krylov space of degree ``2·n_iter + 1`` in ``d·b`` dimensions against
+    svd_lowrank's single block — of ``b = rank + oversample`` columns rounded down to
+    a multiple of 16 (not below ``rank``; not rounded below 16 columns or when
+    ``d = 1``), where AVX-512 GEMMs cost less per column (measured with MKL, fp32,
+    4096²: a pass of 16 columns 3.5 ms, of 20 or 24 4.4 ms, of 32 5.6 ms).  Defaults
+    at rank 64: 6 passes of 64 columns (a 192-dimensional space); at rank 16: 6 of 16.
 
     Measured (benchmark suite ``linalg``, ``docs/kernels.md``): at 4096², rank 64,
     error ÷ optimal 1.0006 against svd_lowrank's 1.007–1.008 and at or below it on
-    six spectra (power laws, geometric, clustered, noise floor); at rank 16
-    1.0009 against 1.0006–1.0018 (but 1.0034 against 1.0013–1.0016 on a slow
-    ``i^-0.5`` decay).
+    six spectra (power laws, geometric, clustered, noise floor); at rank 16 1.0007
+    against 1.0006 (i^-1), and below svd_lowrank on five of six spectra — not on a
+    slow ``i^-0.5`` decay (1.0023–1.0031 against 1.0015–1.0016).
 
     Other routes: when ``d·b ≥ min(m, n)`` the exact ``torch.linalg.svd``; when
     ``2·d·b ≥ min(m, n)`` (batches of short, wide matrices such as LoRA factors)
