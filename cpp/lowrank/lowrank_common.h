@@ -123,13 +123,33 @@ inline at::Tensor rank_r_term(const at::Tensor& x2, const at::Tensor& down, cons
   return at::mm(h, core->t());
 }
 
-// z = x·Wᵀ + s·hc·upᵀ written into `y`; bias folded into the GEMM when allowed.
+// dst = a·b + s·c·d: the rank-r term c·d written first (beta = 0, plus `bias`
+// when given), then the base GEMM a·b accumulates onto it with beta = 1 — free
+// for the GEMM, which reads and writes its output once per K block anyway —
+// instead of a separate read-modify-write pass of the rank-r term over dst
+// afterwards.  The mirrored few-row GEMM (common.h) cannot accumulate, so there
+// the rank-r term comes second.
+inline void base_plus_rank_r_into(at::Tensor& dst, const at::Tensor& a, const at::Tensor& b, const at::Tensor& c,
+                                  const at::Tensor& d, double scale, const OptTensor& bias = OptTensor{}) {
+  if (mirror_few_rows_gemm(a.size(0), b)) {
+    few_rows_mm_out(dst, a, b, bias);
+    dst.addmm_(c, d, /*beta=*/1, /*alpha=*/scale);
+    return;
+  }
+  if (bias.has_value()) {
+    at::addmm_out(dst, *bias, c, d, /*beta=*/1, /*alpha=*/scale);
+  } else {
+    at::addmm_out(dst, dst, c, d, /*beta=*/0, /*alpha=*/scale);
+  }
+  dst.addmm_(a, b);
+}
+
+// z = x·Wᵀ + s·hc·upᵀ written into `y`; bias folded in when allowed.
 inline void base_plus_lowrank_into(at::Tensor& y, const at::Tensor& x2, const OptTensor& weight,
                                    const OptTensor& bias_in_gemm, const at::Tensor& hc, const at::Tensor& up,
                                    double scale) {
   if (weight.has_value()) {
-    few_rows_mm_out(y, x2, weight->t(), bias_in_gemm);
-    y.addmm_(hc, up.t(), /*beta=*/1, /*alpha=*/scale);
+    base_plus_rank_r_into(y, x2, weight->t(), hc, up.t(), scale, bias_in_gemm);
   } else {
     at::addmm_out(y, y, hc, up.t(), /*beta=*/0, /*alpha=*/scale);
     if (bias_in_gemm.has_value()) y.add_(*bias_in_gemm);
@@ -200,8 +220,7 @@ inline Grads7 lowrank_linear_backward_impl(const at::Tensor& grad, const at::Ten
     if (need_x) {
       if (weight.has_value()) {
         gx = at::empty({s.tokens, s.in}, x.options());
-        few_rows_mm_out(gx, gz, *weight);
-        gx.addmm_(gh, down);
+        base_plus_rank_r_into(gx, gz, *weight, gh, down, 1.0);
       } else {
         gx = at::mm(gh, down);
       }
@@ -382,7 +401,9 @@ inline Tensors3 dora_linear_impl(const at::Tensor& x, const at::Tensor& weight, 
   at::Tensor wn2 = weight_row_sq(weight, weight_norm_sq, op);
   const int64_t T = s.tokens, r = s.rd;
   const at::Tensor x2 = as_rows(x, T, s.in);
-  at::Tensor z, dw;  // z = x·Wᵀ (T, out), dw = down·Wᵀ (r, out)
+  at::Tensor z, dw;  // z = x·Wᵀ + s·x·downᵀ·upᵀ (T, out), dw = down·Wᵀ (r, out)
+  const bool lowrank = T > 0 && s.in > 0;
+  const at::Tensor h = lowrank ? at::mm(x2, down.t()) : at::Tensor();
   if (T >= r || mirror_few_rows_gemm(T + r, weight.t())) {
     // Stacking adds at most T rows to a GEMM that reads W anyway: one pass over W.
     // (With the mirrored few-rows GEMM, see common.h, even r extra rows on a
@@ -391,25 +412,30 @@ inline Tensors3 dora_linear_impl(const at::Tensor& x, const at::Tensor& weight, 
     xa.narrow(0, 0, T).copy_(x2);
     xa.narrow(0, T, r).copy_(down);
     at::Tensor za = at::empty({T + r, s.out}, x.options());
-    if (s.in == 0) {
-      za.zero_();
-    } else {
-      few_rows_mm_out(za, xa, weight.t());
-    }
     z = za.narrow(0, 0, T);
     dw = za.narrow(0, T, r);
+    if (s.in == 0) {
+      za.zero_();
+    } else if (lowrank && !mirror_few_rows_gemm(T + r, weight.t())) {
+      // The rank-r term first, the stacked GEMM accumulates onto it (base_plus_rank_r_into).
+      at::addmm_out(z, z, h, up.t(), /*beta=*/0, /*alpha=*/scale);
+      dw.zero_();
+      za.addmm_(xa, weight.t());
+    } else {
+      few_rows_mm_out(za, xa, weight.t());
+      if (lowrank) z.addmm_(h, up.t(), /*beta=*/1, /*alpha=*/scale);
+    }
   } else {
     // Few tokens (decoding): more than doubling the GEMM's rows would move it
     // off the matrix-vector path, so the two products run separately.
     z = at::empty({T, s.out}, x.options());
-    if (s.in == 0) {
-      z.zero_();
+    if (lowrank) {
+      base_plus_rank_r_into(z, x2, weight.t(), h, up.t(), scale);
     } else {
-      few_rows_mm_out(z, x2, weight.t());
+      z.zero_();
     }
     dw = at::mm(down, weight.t());
   }
-  if (T > 0 && s.in > 0) z.addmm_(at::mm(x2, down.t()), up.t(), /*beta=*/1, /*alpha=*/scale);
   at::Tensor n2 = factored_norm_sq(wn2, dora_factors_from(dw.t(), down, up), scale);
   at::Tensor n = finish_row_norms(n2, wn2, weight, down, up, scale);
   // A zero row norm gives an infinite factor, as the unfactored formula does.

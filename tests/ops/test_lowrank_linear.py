@@ -242,7 +242,7 @@ def test_large_in_features_rank1(device):
 def test_few_rows_gemm_orientation(tokens, dtype):
     """The CPU forward runs x·Wᵀ as the mirrored W·xᵀ and the input gradient g·W as Wᵀ·gᵀ for the token counts
     where MKL runs that faster on this CPU vendor (cpp/common.h; restated in lowrank_ops.bench.gemm_rule), in
-    fp32/fp64 only; otherwise (and in bf16) ATen's own orientation.  The profiler's recorded aten::mm shapes show
+    fp32/fp64 only; otherwise (and in bf16) ATen's own orientation.  The profiler's recorded product shapes show
     which ran; the values are checked by the cases above."""
     from torch.profiler import profile
 
@@ -251,7 +251,10 @@ def test_few_rows_gemm_orientation(tokens, dtype):
     lv = leaves(a, ("x",))
     with profile(record_shapes=True) as prof:
         call(OP, lv).backward(torch.ones(tokens, n_out, dtype=dtype))
+    # operand shapes of every product: aten::mm (a, b), and aten::addmm / addmm_ (c, a, b) — the direct
+    # orientation accumulates the base GEMM onto the rank-r term already in the output
     shapes = [e.input_shapes[:2] for e in prof.events() if e.name == "aten::mm"]
+    shapes += [e.input_shapes[1:3] for e in prof.events() if e.name in ("aten::addmm", "aten::addmm_")]
     mirrored = few_rows_mirrored(tokens, n_out, dtype)
     mirrored_bwd = few_rows_mirrored(tokens, n_in, dtype, backward=True)
     # the rule itself, per vendor (a rule that silently mirrored nothing would pass the shape checks)
