@@ -197,8 +197,8 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> rsvd_gram(const at::Tensor
 // ~ u·σ₁²/gap, which changes the projection's error only to second order and its
 // orthonormality not at all (Z and U_M are orthonormal whatever U_k is), as long
 // as the k-th direction is resolved at all — for fp32 that needs σ_k well above
-// √u·σ₁, else G is formed again in fp64.  Cost at L = 192, k = 64 on 4096 × 4096:
-// ~3.5 ms against ~9 for CholeskyQR2 of Bᵀ (n × L), Zᵀ·B and an L × L SVD.
+// √u·σ₁, else G is formed again in fp64.  Measured at L = 192, k = 64 on
+// 4096 × 14336 (with the n × k basis Z still formed): 11.4 ms of the call's 219.
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> rayleigh_ritz_gram(const at::Tensor& Q, const at::Tensor& B,
                                                                         int64_t rank) {
   const int64_t L = B.size(-2);
