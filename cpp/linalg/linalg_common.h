@@ -284,23 +284,19 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> rsvd_impl(const at::Tensor
   // The Aᵀ-side products are kept transposed, Wtall = Wallᵀ (L × n): Qᵢᵀ·A writes
   // each block as contiguous rows, the orientation BLAS runs fastest (a strided
   // n × b column slice as GEMM output measured ~1.5× slower at 4096², b = 104).
-  std::vector<int64_t> qsize(batch.begin(), batch.end()), wsize(batch.begin(), batch.end());
-  qsize.push_back(m);
-  qsize.push_back(L);
-  wsize.push_back(L);
-  wsize.push_back(n);
-  at::Tensor Qall = at::empty(qsize, A.options()), Wtall = at::empty(wsize, A.options());
+  auto batched = [&](int64_t rows, int64_t cols) {  // an empty (*batch, rows, cols) tensor
+    std::vector<int64_t> size(batch.begin(), batch.end());
+    size.push_back(rows);
+    size.push_back(cols);
+    return at::empty(size, A.options());
+  };
+  at::Tensor Qall = batched(m, L), Wtall = batched(L, n);
   // Scratch reused by every block: fresh m × b and n × b temporaries per block
   // cost page faults whenever the allocator has handed the memory back in between
   // (measured: a 4096 × 64 GEMM output 0.47 ms fresh after a pass over A, 0.23 ms
   // into a kept buffer).
-  std::vector<int64_t> ysize(batch.begin(), batch.end()), psize(batch.begin(), batch.end());
-  ysize.push_back(m);
-  ysize.push_back(b);
-  psize.push_back(n);
-  psize.push_back(b);
-  at::Tensor Ybuf = at::empty(ysize, A.options()), work = at::empty(ysize, A.options());
-  const at::Tensor Pbuf = plan.depth > 1 ? at::empty(psize, A.options()) : at::Tensor();
+  at::Tensor Ybuf = batched(m, b), work = batched(m, b);
+  const at::Tensor Pbuf = plan.depth > 1 ? batched(n, b) : at::Tensor();
   const at::Tensor eye = at::eye(b, A.options());
   for (int64_t i = 0; i < plan.depth; ++i) {
     at::Tensor Y = at::matmul_out(Ybuf, A, P);  // pass over A
