@@ -63,6 +63,29 @@ def test_update_inside_span_keeps_orthonormal_basis(dtype):
     check_svd(svd_update(U, S, Vh, P, Q, 8), M, 8, dtype)
 
 
+def _householder_qrs(fn):
+    from torch.profiler import profile
+
+    with profile() as prof:
+        fn()
+    return sum(e.name == "aten::linalg_qr" for e in prof.events())
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_complement_routes(dtype):
+    """The update's complement basis: CholeskyQR (no Householder QR) for a generic update; a rank-deficient
+    residual (repeated update columns) is caught by its Gram matrices and takes the Householder QR of [U, E] —
+    both giving the exact truncation with orthonormal factors."""
+    U, S, Vh = rand_svd((), 70, 60, 6, dtype)
+    P = randn(70, 3, dtype=dtype, device="cpu")
+    Q = randn(60, 3, dtype=dtype, device="cpu")
+    assert _householder_qrs(lambda: svd_update(U, S, Vh, P, Q, 9)) == 0
+    check_svd(svd_update(U, S, Vh, P, Q, 9), updated64(U, S, Vh, P, Q), 9, dtype)
+    Pd = torch.cat([P[:, :2], P[:, :1]], 1)  # rank 2 in 3 columns
+    assert _householder_qrs(lambda: svd_update(U, S, Vh, Pd, Q, 8)) == 1
+    check_svd(svd_update(U, S, Vh, Pd, Q, 8), updated64(U, S, Vh, Pd, Q), 8, dtype)
+
+
 def test_chained_updates_stay_accurate():
     """Twenty rank-2 updates in fp32, truncating to rank 12 each time: each step is the
     optimal truncation of (previous factors + update), and orthonormality does not drift."""
