@@ -34,11 +34,17 @@ inline void check_float_input(const at::Tensor& A, const char* op) {
 // X·L⁻ᵀ is a GEMM with the small inverse: a triangular solve against the tall
 // transposed block is several times slower in LAPACK/MKL.
 // With `dst` given (a view, e.g. a column slice of a basis) X·L⁻ᵀ is written there
-// and `out` is `dst`.
+// and `out` is `dst`.  With `min_pivot` > 0 the round also fails when some
+// pivot L_ii² falls below min_pivot · max_j L_jj² (numerically rank-deficient X,
+// whose tiny pivots a Cholesky of rounded data need not reject).
 inline bool cholqr_round(const at::Tensor& X, const at::Tensor& G, const at::Tensor& eye, at::Tensor& out,
-                         const at::Tensor& dst = at::Tensor()) {
+                         const at::Tensor& dst = at::Tensor(), double min_pivot = 0.0) {
   auto [L, info] = at::linalg_cholesky_ex(G);
   if (info.any().item<bool>()) return false;  // info ≠ 0: not positive definite
+  if (min_pivot > 0) {
+    const at::Tensor d2 = L.diagonal(0, -2, -1).square();
+    if (!(d2.amin(-1) >= d2.amax(-1) * min_pivot).all().item<bool>()) return false;
+  }
   const at::Tensor Linv_t = at::linalg_solve_triangular(L, eye, /*upper=*/false).mT();
   if (dst.defined()) {
     at::matmul_out(const_cast<at::Tensor&>(dst), X, Linv_t);
@@ -49,11 +55,12 @@ inline bool cholqr_round(const at::Tensor& X, const at::Tensor& G, const at::Ten
   return true;
 }
 
-// ‖G − I‖_max ≤ 1/2: the block is orthonormal enough for one more CholeskyQR
-// round to make it orthonormal to O(u) (the CholeskyQR2 analysis of Yamamoto,
-// Nakatsukasa, Yanagisawa & Fukaya 2015).  NaN fails the test.
+// ‖G − I‖_F ≤ 1/2 (so ‖G − I‖₂ ≤ 1/2 and κ(G) ≤ 3), for every matrix of a batch:
+// the block is orthonormal enough for one more CholeskyQR round to make it
+// orthonormal to O(u) (the CholeskyQR2 analysis of Yamamoto, Nakatsukasa,
+// Yanagisawa & Fukaya 2015).  NaN or Inf fails the test.
 inline bool near_identity(const at::Tensor& G, const at::Tensor& eye) {
-  return (G - eye).abs().amax().item<double>() <= 0.5;
+  return at::linalg_matrix_norm(G - eye, "fro").amax().item<double>() <= 0.5;
 }
 
 // Orthonormal block Q with range(Q) = range(Y) ⊥ range(Qp) (Qp undefined or
@@ -76,7 +83,7 @@ inline bool near_identity(const at::Tensor& G, const at::Tensor& eye) {
 inline at::Tensor orthonormalize_against(at::Tensor Y, const at::Tensor& Qp, const at::Tensor& dst = at::Tensor(),
                                          const at::Tensor& eye_b = at::Tensor(), const at::Tensor& work = at::Tensor()) {
   const int64_t b = Y.size(-1);
-  if (b == 0 || Y.size(-2) == 0) return Y.clone();
+  if (b == 0 || Y.size(-2) == 0) return dst.defined() ? dst : Y.clone();  // nothing to write
   const bool has_qp = Qp.defined() && Qp.size(-1) > 0;
   // X ← X − Qp·(Qpᵀ·X) in place (for a single matrix one GEMM with beta = 1).
   auto project = [&](at::Tensor X) {
@@ -189,7 +196,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> rsvd_gram(const at::Tensor
 // The rows of C = U_kᵀ·B are orthogonal with norms σᵢ = √λᵢ up to G's rounding,
 // so C' = Σ⁻¹·C is orthonormal to within ‖C'C'ᵀ − I‖ ~ u·σ₁²/σ_k²: one CholeskyQR
 // round, C'·C'ᵀ = L·Lᵀ, makes it orthonormal to O(u) (the second-round analysis
-// of CholeskyQR2, Yamamoto et al. 2015, which needs ‖C'C'ᵀ − I‖ ≤ 1/2 — checked),
+// of CholeskyQR2, Yamamoto et al. 2015, which needs ‖C'C'ᵀ − I‖_F ≤ 1/2 — checked),
 // Z = C'ᵀ·L⁻ᵀ (n × k), and C = Σ·L·Zᵀ, so the k × k SVD of M = Σ·L = U_M·S·V_Mᵀ
 // gives A ≈ (Q·U_k·U_M)·S·(V_Mᵀ·Zᵀ), Zᵀ = L⁻¹·C'.  Where that check fails (σ_k ≈ 0: B of rank
 // < k) Z = orth(Cᵀ) by CholeskyQR2/Householder and M = C·Z.  The Gram matrix is
@@ -275,7 +282,9 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> rsvd_impl(const at::Tensor
   // Ω from a CPU generator: the same numbers for a seed on every device, and one
   // n × b block shared by a whole batch (the analysis is per matrix; Ω only has to
   // be independent of A), so a batch member's result is the one rsvd gives for
-  // that matrix alone.  A Gaussian n × b block with b < n/2 is well-conditioned.
+  // that matrix alone, up to rounding (the fallbacks below — Householder QR, the
+  // fp64 Gram matrix — are decided once for the whole batch).  A Gaussian n × b
+  // block with b < n/2 is well-conditioned.
   auto gen = at::make_generator<at::CPUGeneratorImpl>(static_cast<uint64_t>(seed));
   at::Tensor P = at::randn({n, plan.block}, gen, at::TensorOptions().dtype(dt)).to(A.device());
 

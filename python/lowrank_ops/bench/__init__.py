@@ -178,8 +178,10 @@ def measure(cfg: Config, case: str, impls: Sequence[Impl], *, memory: bool = Fal
                 outputs[impl.name] = impl.run_outputs()
     peaks = {}
     together = [i for i in impls if i.interleave]
-    tlist, rounds = time_interleaved([i.fn for i in together], cfg.min_run_time, device=cfg.device,
-                                     warmup=cfg.warmup, min_rounds=cfg.min_runs)
+    tlist, rounds = [], []
+    if together:
+        tlist, rounds = time_interleaved([i.fn for i in together], cfg.min_run_time, device=cfg.device,
+                                         warmup=cfg.warmup, min_rounds=cfg.min_runs)
     timings = {impl.name: t for impl, t in zip(together, tlist)}
     for impl in impls:
         if not impl.interleave:

@@ -27,7 +27,8 @@ def rsvd(A: Tensor, rank: int, oversample: int = 8, n_iter: int = 2, seed: int =
 
     1. ``P₀ = Ω (n, b)`` Gaussian from a CPU generator seeded with ``seed``, one
        block for a whole batch (the analysis is per matrix), so a batch member's
-       result is the one ``rsvd`` gives for that matrix alone.
+       result is the one ``rsvd`` gives for that matrix alone, up to rounding (the
+       QR and fp64-Gram fallbacks are decided once for the whole batch).
     2. For ``i = 0…d−1``: ``Yᵢ = A·Pᵢ`` (one pass over ``A``), ``Qᵢ = orth(Yᵢ ⊥ Q₀…Qᵢ₋₁)``,
        ``Wᵢ = Aᵀ·Qᵢ`` (one pass over ``Aᵀ``), ``Pᵢ₊₁`` = a well-conditioned basis of ``Wᵢ``
        (one CholeskyQR round).  ``Q = [Q₀…Q_{d−1}]`` spans ``K``.
@@ -38,7 +39,7 @@ def rsvd(A: Tensor, rank: int, oversample: int = 8, n_iter: int = 2, seed: int =
        matrix ``B·Bᵀ``, then the exact SVD of the projection ``U_k·(U_kᵀ·B)``: the rows
        of ``C' = Σ⁻¹·U_kᵀ·B`` (``σᵢ = √λᵢ``) are orthonormal up to the Gram matrix's
        rounding, so one CholeskyQR round ``C'·C'ᵀ = L·Lᵀ`` finishes them (checked:
-       ``‖C'C'ᵀ − I‖ ≤ 1/2``, else CholeskyQR2 of ``U_kᵀ·B``), and ``U_kᵀ·B = (Σ·L)·Zᵀ``
+       ``‖C'C'ᵀ − I‖_F ≤ 1/2``, else CholeskyQR2 of ``U_kᵀ·B``), and ``U_kᵀ·B = (Σ·L)·Zᵀ``
        with ``Zᵀ = L⁻¹·C'`` orthonormal: the SVD of the ``rank²`` matrix ``Σ·L`` gives
        the result.  The Gram matrix is formed in the compute dtype, which perturbs the
        result only to second order; for fp32, when ``σ_rank < ~0.011·σ₁`` it is formed
