@@ -218,14 +218,39 @@ def test_ill_conditioned_and_zero(dtype):
     assert bool(torch.isfinite(U).all() and torch.isfinite(Vh).all()) and bool((S == 0).all())
 
 
-@pytest.mark.parametrize("m,n,rank", [(37, 23, 23), (23, 37, 23), (1, 5, 1), (6, 1, 1), (64, 64, 40)])
+@pytest.mark.parametrize("m,n,rank", [(37, 23, 23), (23, 37, 23), (1, 5, 1), (6, 1, 1), (64, 64, 40),
+                                      (30, 200, 30), (200, 30, 20), (40, 90, 36)])
 def test_full_rank_and_tiny(m, n, rank):
-    """rank = min(m, n) (and any rank whose Krylov space would cover min(m, n)) is the exact SVD."""
+    """rank = min(m, n) (and any rank whose Krylov space would cover min(m, n)) is the exact SVD — by LAPACK
+    for near-square shapes, through the short side (orth(Aᵀ), then an m × m SVD) when max(m, n) >= 2·min(m, n)."""
     A = torch.randn(m, n, dtype=torch.float64)
     U, S, Vh = ops.rsvd(A, rank)
     U0, S0, Vh0 = ref.truncated_svd_ref(A, rank)
     torch.testing.assert_close(S, S0, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(frob_err(A, U, S, Vh), frob_err(A, U0, S0, Vh0), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", PRECISE)
+def test_short_side_exact_route_batched_ill_conditioned(dtype):
+    """The short-side exact route on a batch of wide and of tall matrices with a spectrum down to 1e-10
+    (CholeskyQR fails there in fp32 and the Householder fallback runs): singular values to working
+    precision (absolute, relative to σ₁), orthonormal factors, and the optimal truncation error."""
+    s = torch.logspace(0, -10, 24, dtype=torch.float64)
+    A = spectrum_matrix(24, 300, s, batch=(3,), dtype=dtype, seed=5)
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    for X in (A, A.mT):
+        m, n = X.shape[-2:]
+        U, S, Vh = ops.rsvd(X, 20)  # space 3·20 = 60 >= min(m, n) = 24: exact
+        check_factors(U, S, Vh, m, n, 20, dtype, 1e-9 if dtype == torch.float64 else 1e-4)
+        S_true = torch.linalg.svdvals(X.double())[..., :20]
+        assert (S.double() - S_true).abs().max() <= tol * S_true[..., 0].max()
+        assert bool((frob_err(X, U, S, Vh) <= optimal_err(X, 20) + tol * torch.linalg.norm(X.double())).all())
+    from torch.profiler import profile
+
+    with profile(record_shapes=True) as prof:
+        ops.rsvd(A, 20)
+    svd_inputs = [e.input_shapes[0] for e in prof.events() if e.name == "aten::_linalg_svd"]
+    assert svd_inputs == [[3, 24, 24]], svd_inputs  # the m × m SVD of A·Z, not LAPACK's on A
 
 
 # --------------------------------------------------------------------------- the Gram route (short side)

@@ -63,7 +63,10 @@ def rsvd(A: Tensor, rank: int, oversample: int = 8, n_iter: int = 2, seed: int =
     against 1.0006 (i^-1), and below svd_lowrank on five of six spectra — not on a
     slow ``i^-0.5`` decay (1.0023–1.0031 against 1.0015–1.0016).
 
-    Other routes: when ``d·b ≥ min(m, n)`` the exact ``torch.linalg.svd``; when
+    Other routes: when ``d·b ≥ min(m, n)`` the exact SVD — ``torch.linalg.svd`` for
+    near-square shapes, through the short side when ``max(m, n) ≥ 2·min(m, n)``
+    (``Z = orth(Aᵀ)``, then the SVD of the ``min(m, n)``-square ``A·Z``; LAPACK's own
+    SVD of a short, wide matrix is 2–3× slower); when
     ``2·d·b ≥ min(m, n)`` (batches of short, wide matrices such as LoRA factors)
     the Gram route — the top ``rank + oversample`` eigenvectors ``Ũ`` of the short
     side's Gram matrix ``A·Aᵀ``, then one Rayleigh–Ritz step through the long side,
