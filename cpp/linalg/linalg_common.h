@@ -30,6 +30,11 @@ inline void check_float_input(const at::Tensor& A, const char* op) {
 
 // ---------------------------------------------------------------- orthonormalisation
 
+// Whether a Cholesky factorisation failed (info ≠ 0 for some matrix of the batch).
+inline bool cholesky_failed(const at::Tensor& info) {
+  return info.dim() == 0 ? info.item<int64_t>() != 0 : info.any().item<bool>();
+}
+
 // One CholeskyQR round X·L⁻ᵀ with G = XᵀX = L·Lᵀ given; false if the Cholesky fails.
 // X·L⁻ᵀ is a GEMM with the small inverse: a triangular solve against the tall
 // transposed block is several times slower in LAPACK/MKL.
@@ -40,7 +45,7 @@ inline void check_float_input(const at::Tensor& A, const char* op) {
 inline bool cholqr_round(const at::Tensor& X, const at::Tensor& G, const at::Tensor& eye, at::Tensor& out,
                          const at::Tensor& dst = at::Tensor(), double min_pivot = 0.0) {
   auto [L, info] = at::linalg_cholesky_ex(G);
-  if (info.any().item<bool>()) return false;  // info ≠ 0: not positive definite
+  if (cholesky_failed(info)) return false;  // not positive definite
   if (min_pivot > 0) {
     const at::Tensor d2 = L.diagonal(0, -2, -1).square();
     if (!(d2.amin(-1) >= d2.amax(-1) * min_pivot).all().item<bool>()) return false;
@@ -60,8 +65,10 @@ inline bool cholqr_round(const at::Tensor& X, const at::Tensor& G, const at::Ten
 // orthonormal to O(u) (the CholeskyQR2 analysis of Yamamoto, Nakatsukasa,
 // Yanagisawa & Fukaya 2015).  NaN or Inf fails the test.
 inline bool near_identity(const at::Tensor& G, const at::Tensor& eye) {
+  if (G.dim() == 2) return at::dist(G, eye).item<double>() <= 0.5;  // one op for the common case
   return at::linalg_matrix_norm(G - eye, "fro").amax().item<double>() <= 0.5;
 }
+
 
 // Orthonormal block Q with range(Q) = range(Y) ⊥ range(Qp) (Qp undefined or
 // empty: plain orthonormalisation), for a batch of tall blocks Y (..., m, b).
@@ -247,7 +254,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> rayleigh_ritz_gram(const a
   const at::Tensor Gs = at::matmul(Cs, Cs.mT());
   if (near_identity(Gs, eye)) {
     auto [Lc, info] = at::linalg_cholesky_ex(Gs);
-    if (!info.any().item<bool>()) {
+    if (!cholesky_failed(info)) {
       // Z = C'ᵀ·L⁻ᵀ is never formed: Vh = V_Mᵀ·Zᵀ = (V_Mᵀ·L⁻¹)·C', a k × k factor
       // (L ≈ I) applied to the k × n rows.
       auto [Um, S, Vmh] = at::linalg_svd(sigma.unsqueeze(-1) * Lc, /*full_matrices=*/false);  // M = Σ·L
