@@ -43,7 +43,7 @@ inline bool cholesky_failed(const at::Tensor& info) {
 // pivot L_ii² falls below min_pivot · max_j L_jj² (numerically rank-deficient X,
 // whose tiny pivots a Cholesky of rounded data need not reject).
 inline bool cholqr_round(const at::Tensor& X, const at::Tensor& G, const at::Tensor& eye, at::Tensor& out,
-                         const at::Tensor& dst = at::Tensor(), double min_pivot = 0.0) {
+                         at::Tensor dst = at::Tensor(), double min_pivot = 0.0) {
   auto [L, info] = at::linalg_cholesky_ex(G);
   if (cholesky_failed(info)) return false;  // not positive definite
   if (min_pivot > 0) {
@@ -52,7 +52,7 @@ inline bool cholqr_round(const at::Tensor& X, const at::Tensor& G, const at::Ten
   }
   const at::Tensor Linv_t = at::linalg_solve_triangular(L, eye, /*upper=*/false).mT();
   if (dst.defined()) {
-    at::matmul_out(const_cast<at::Tensor&>(dst), X, Linv_t);
+    at::matmul_out(dst, X, Linv_t);
     out = dst;
   } else {
     out = at::matmul(X, Linv_t);
@@ -69,20 +69,55 @@ inline bool near_identity(const at::Tensor& G, const at::Tensor& eye) {
   return at::linalg_matrix_norm(G - eye, "fro").amax().item<double>() <= 0.5;
 }
 
+// X ← X − Qp·(Qpᵀ·X) in place (for a single matrix one GEMM with beta = 1);
+// X unchanged when Qp is undefined or has no columns.
+inline at::Tensor project_out(at::Tensor X, const at::Tensor& Qp) {
+  if (!Qp.defined() || Qp.size(-1) == 0) return X;
+  const at::Tensor C = at::matmul(Qp.mT(), X);
+  if (X.dim() == 2) {
+    X.addmm_(Qp, C, /*beta=*/1, /*alpha=*/-1);
+  } else {
+    X.sub_(at::matmul(Qp, C));
+  }
+  return X;
+}
+
+// The CholeskyQR part of BCGS2 on a block Y already projected against Qp: Q₁ =
+// Y·L₁⁻ᵀ (into `work` when given), Y₂ = Q₁ projected once more, Q = Y₂·L₂⁻ᵀ (into
+// `dst` when given).  One round leaves an orthogonality error of about
+// u·cond(Y)², fixed by the second round when ‖G₂ − I‖_F ≤ 1/2, which its Gram
+// matrix G₂ tells at no extra cost.  False where a Cholesky fails, a first-round
+// pivot falls below `min_pivot` (cholqr_round) or G₂ is too far from I; `redo`
+// is then the block a Householder QR should take instead (Y, or Y₂ once the first
+// round succeeded).
+inline bool cholqr2_projected(const at::Tensor& Y, const at::Tensor& Qp, const at::Tensor& eye, at::Tensor& Q,
+                              at::Tensor& redo, const at::Tensor& dst = at::Tensor(),
+                              const at::Tensor& work = at::Tensor(), double min_pivot = 0.0) {
+  at::Tensor Q1;
+  if (!cholqr_round(Y, at::matmul(Y.mT(), Y), eye, Q1, work, min_pivot)) {
+    redo = Y;
+    return false;
+  }
+  at::Tensor Y2 = project_out(Q1, Qp);
+  const at::Tensor G2 = at::matmul(Y2.mT(), Y2);
+  if (!near_identity(G2, eye) || !cholqr_round(Y2, G2, eye, Q, dst)) {
+    redo = Y2;
+    return false;
+  }
+  return true;
+}
 
 // Orthonormal block Q with range(Q) = range(Y) ⊥ range(Qp) (Qp undefined or
 // empty: plain orthonormalisation), for a batch of tall blocks Y (..., m, b).
 //
 // Block classical Gram–Schmidt twice, each pass followed by a CholeskyQR round
-// (BCGS2 with CholeskyQR; without Qp it is CholeskyQR2 of Yamamoto et al.
-// 2015): per round one b×b Gram GEMM, a b×b Cholesky and one GEMM with its
-// inverse — instead of Householder QR's BLAS-2 panels.  One round leaves an
-// orthogonality error of about u·cond(Y)², fixed by the second round when that
-// is below 1/2, which the second round's Gram matrix tells at no extra cost.
-// Anything else — a failed Cholesky (rank-deficient Y: exactly-low-rank A, a
-// deflated Krylov block) or too much lost orthogonality — falls back to
-// Householder QR of the current block, always orthonormal.  Each check reads
-// one scalar (a sync on CUDA).  With Qp given, Y is consumed: projected in place.
+// (BCGS2 with CholeskyQR, cholqr2_projected; without Qp it is CholeskyQR2 of
+// Yamamoto et al. 2015): per round one b×b Gram GEMM, a b×b Cholesky and one
+// GEMM with its inverse — instead of Householder QR's BLAS-2 panels.  Anything
+// else — a failed Cholesky (rank-deficient Y: exactly-low-rank A, a deflated
+// Krylov block) or too much lost orthogonality — falls back to Householder QR
+// of the current block, always orthonormal.  Each check reads one scalar (a sync
+// on CUDA).  With Qp given, Y is consumed: projected in place.
 // With `dst` given (same shape as Y, e.g. the block's slice of a basis) the result
 // is written there (straight from the last GEMM on the CholeskyQR path) and returned.
 // `eye_b` (b × b identity) and `work` (scratch shaped like Y, for the first
@@ -91,34 +126,13 @@ inline at::Tensor orthonormalize_against(at::Tensor Y, const at::Tensor& Qp, con
                                          const at::Tensor& eye_b = at::Tensor(), const at::Tensor& work = at::Tensor()) {
   const int64_t b = Y.size(-1);
   if (b == 0 || Y.size(-2) == 0) return dst.defined() ? dst : Y.clone();  // nothing to write
-  const bool has_qp = Qp.defined() && Qp.size(-1) > 0;
-  // X ← X − Qp·(Qpᵀ·X) in place (for a single matrix one GEMM with beta = 1).
-  auto project = [&](at::Tensor X) {
-    if (!has_qp) return X;
-    const at::Tensor C = at::matmul(Qp.mT(), X);
-    if (X.dim() == 2) {
-      X.addmm_(Qp, C, /*beta=*/1, /*alpha=*/-1);
-    } else {
-      X.sub_(at::matmul(Qp, C));
-    }
-    return X;
-  };
-  auto householder = [&](const at::Tensor& X) {
-    at::Tensor Q = project(std::get<0>(at::linalg_qr(X, "reduced")));
-    return dst.defined() ? const_cast<at::Tensor&>(dst).copy_(Q) : Q;
-  };
   const at::Tensor eye = eye_b.defined() ? eye_b : at::eye(b, Y.options());
-  Y = project(Y);
-  at::Tensor Q1;
-  if (!cholqr_round(Y, at::matmul(Y.mT(), Y), eye, Q1, work)) {
-    // Householder's Q is orthonormal; projected once more it is ⊥ Qp to O(u) too.
-    return householder(Y);
-  }
-  at::Tensor Y2 = project(Q1);
-  at::Tensor G2 = at::matmul(Y2.mT(), Y2);
-  at::Tensor Q;
-  if (!near_identity(G2, eye) || !cholqr_round(Y2, G2, eye, Q, dst)) return householder(Y2);
-  return Q;
+  Y = project_out(Y, Qp);
+  at::Tensor Q, redo;
+  if (cholqr2_projected(Y, Qp, eye, Q, redo, dst, work)) return Q;
+  // Householder's Q is orthonormal; projected once more it is ⊥ Qp to O(u) too.
+  Q = project_out(std::get<0>(at::linalg_qr(redo, "reduced")), Qp);
+  return dst.defined() ? dst.copy_(Q) : Q;
 }
 
 inline at::Tensor orthonormalize(const at::Tensor& Y) { return orthonormalize_against(Y, at::Tensor()); }

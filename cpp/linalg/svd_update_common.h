@@ -111,23 +111,19 @@ inline Complement orth_complement(const at::Tensor& B, const at::Tensor& P) {
   }
   if (p == c) {
     // E is already ⊥ B; CholeskyQR twice with one more projection between the
-    // rounds (BCGS2, linalg_common.h) orthonormalises it in a few small GEMMs, where
-    // its Gram matrices say that is accurate: the first Cholesky succeeds with no
-    // pivot below 1e3·u of the largest (κ(E) up to ~1/√(1e3·u), 130 in fp32), and
-    // ‖G₂ − I‖_F ≤ 1/2.  A numerically rank-deficient E (repeated update columns)
+    // rounds (BCGS2's cholqr2_projected, linalg_common.h) orthonormalises it in a few
+    // small GEMMs, where its Gram matrices say that is accurate: the first Cholesky
+    // succeeds with no pivot below 1e3·u of the largest (κ(E) up to ~1/√(1e3·u), 130
+    // in fp32), and ‖G₂ − I‖_F ≤ 1/2.  A numerically rank-deficient E (repeated update columns)
     // has a pivot ~u and takes the Householder route below, which completes the
     // basis orthogonally to B.  (Measured, 4096 × 64 basis, c = 16: the Householder
     // QR of [B, E] took 2.7 ms of svd_update's 7.9.)
     const at::Tensor eye = at::eye(c, E.options());
     const double u = E.scalar_type() == at::kDouble ? std::numeric_limits<double>::epsilon()
                                                     : static_cast<double>(std::numeric_limits<float>::epsilon());
-    at::Tensor Q1, Q;
-    if (linalg_detail::cholqr_round(E, at::matmul(E.mT(), E), eye, Q1, at::Tensor(), 1e3 * u)) {
-      Q1 = Q1 - at::matmul(B, at::matmul(Bt, Q1));
-      const at::Tensor G2 = at::matmul(Q1.mT(), Q1);
-      if (linalg_detail::near_identity(G2, eye) && linalg_detail::cholqr_round(Q1, G2, eye, Q)) {
-        return {X, Q, at::matmul(Q.mT(), E)};
-      }
+    at::Tensor Q, redo;
+    if (linalg_detail::cholqr2_projected(E, B, eye, Q, redo, at::Tensor(), at::Tensor(), 1e3 * u)) {
+      return {X, Q, at::matmul(Q.mT(), E)};
     }
   }
   at::Tensor Qf = std::get<0>(at::linalg_qr(at::cat({B, E}, -1), "reduced"));
