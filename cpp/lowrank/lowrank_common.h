@@ -403,7 +403,6 @@ inline Tensors3 dora_linear_impl(const at::Tensor& x, const at::Tensor& weight, 
   const at::Tensor x2 = as_rows(x, T, s.in);
   at::Tensor z, dw;  // z = x·Wᵀ + s·x·downᵀ·upᵀ (T, out), dw = down·Wᵀ (r, out)
   const bool lowrank = T > 0 && s.in > 0;
-  const at::Tensor h = lowrank ? at::mm(x2, down.t()) : at::Tensor();
   if (T >= r || mirror_few_rows_gemm(T + r, weight.t())) {
     // Stacking adds at most T rows to a GEMM that reads W anyway: one pass over W.
     // (With the mirrored few-rows GEMM, see common.h, even r extra rows on a
@@ -412,25 +411,26 @@ inline Tensors3 dora_linear_impl(const at::Tensor& x, const at::Tensor& weight, 
     xa.narrow(0, 0, T).copy_(x2);
     xa.narrow(0, T, r).copy_(down);
     at::Tensor za = at::empty({T + r, s.out}, x.options());
-    z = za.narrow(0, 0, T);
-    dw = za.narrow(0, T, r);
-    if (s.in == 0) {
+    if (lowrank) {
+      // h = x·downᵀ over the first T rows and zero over the r stacked `down` rows,
+      // so the rank-r term reaches z only.
+      at::Tensor ha = at::empty({T + r, r}, x.options()), h = ha.narrow(0, 0, T);
+      at::mm_out(h, x2, down.t());
+      ha.narrow(0, T, r).zero_();
+      base_plus_rank_r_into(za, xa, weight.t(), ha, up.t(), scale);
+    } else if (s.in == 0) {
       za.zero_();
-    } else if (lowrank && !mirror_few_rows_gemm(T + r, weight.t())) {
-      // The rank-r term first, the stacked GEMM accumulates onto it (base_plus_rank_r_into).
-      at::addmm_out(z, z, h, up.t(), /*beta=*/0, /*alpha=*/scale);
-      dw.zero_();
-      za.addmm_(xa, weight.t());
     } else {
       few_rows_mm_out(za, xa, weight.t());
-      if (lowrank) z.addmm_(h, up.t(), /*beta=*/1, /*alpha=*/scale);
     }
+    z = za.narrow(0, 0, T);
+    dw = za.narrow(0, T, r);
   } else {
     // Few tokens (decoding): more than doubling the GEMM's rows would move it
     // off the matrix-vector path, so the two products run separately.
     z = at::empty({T, s.out}, x.options());
     if (lowrank) {
-      base_plus_rank_r_into(z, x2, weight.t(), h, up.t(), scale);
+      base_plus_rank_r_into(z, x2, weight.t(), at::mm(x2, down.t()), up.t(), scale);
     } else {
       z.zero_();
     }
