@@ -420,6 +420,31 @@ def test_only_requested_grads_are_computed(frozen, device):
             assert_close_to_ref(lv[n].grad, r, r, name=f"grad of {n}")
 
 
+@pytest.mark.parametrize("mode", ["grad", "no_grad", "inference_mode"])
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_wrapper_without_gradient_skips_autograd(mode, requires_grad):
+    """The typed wrapper reaches the kernel below the autograd key only when no gradient can flow:
+    same values as the op either way, and a graph exactly when grad mode is on and an input requires grad."""
+    case = replace(BASE, core="diag", out_scale=True)
+    a = leaves(make_inputs(case, torch.float64), NAMES if requires_grad else ())
+    ctx = {"grad": torch.enable_grad, "no_grad": torch.no_grad, "inference_mode": torch.inference_mode}[mode]
+    with ctx():
+        y = call(lowrank_linear, a)
+        y_op = call(OP, a)
+    torch.testing.assert_close(y, y_op, rtol=0, atol=0)
+    tracked = mode == "grad" and requires_grad
+    assert y.requires_grad == tracked and (y.grad_fn is not None) == tracked
+    if tracked:
+        g = torch.ones_like(y)
+        y.backward(g)
+        ref = grads(lowrank_linear_ref, a, g)
+        for n, r in zip(NAMES, ref):
+            assert_close_to_ref(a[n].grad, r, r, name=f"grad of {n}")
+    # grad mode is back on: the wrapper never leaves the autograd key excluded
+    z = call(lowrank_linear, leaves(a, ("x",)))
+    assert z.grad_fn is not None
+
+
 MASKS = [tuple(i == j for j in range(7)) for i in range(7)] + [
     (True,) * 7,
     (False,) * 7,
