@@ -327,8 +327,14 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> rsvd_impl(const at::Tensor
   // that matrix alone, up to rounding (the fallbacks below — Householder QR, the
   // fp64 Gram matrix — are decided once for the whole batch).  A Gaussian n × b
   // block with b < n/2 is well-conditioned.
+  // P, the right operand of every A·P pass, is kept column-major (a transposed
+  // view of b × n rows): MKL runs A·P up to 1.5× faster that way for b = 32–48
+  // (A 1024², b = 32: 0.23 against 0.35 ms; 2048², b = 32: 0.97 against 1.31 ms;
+  // 1024×4096: 0.93 against 1.31 ms) and the same (±1 %) for b = 16 or 64 at 4096².
   auto gen = at::make_generator<at::CPUGeneratorImpl>(static_cast<uint64_t>(seed));
-  at::Tensor P = at::randn({n, plan.block}, gen, at::TensorOptions().dtype(dt)).to(A.device());
+  // Ω is drawn as its b × n transpose: a transposing copy of an n × b draw cost
+  // 2.6 ms at 14336 × 64 (the draw itself 3.2 ms).
+  at::Tensor P = at::randn({plan.block, n}, gen, at::TensorOptions().dtype(dt)).to(A.device()).mT();
 
   const int64_t b = plan.block, L = plan.block * plan.depth;
   // Bases filled block by block (views of leading columns/rows, no re-concatenation).
@@ -347,7 +353,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> rsvd_impl(const at::Tensor
   // (measured: a 4096 × 64 GEMM output 0.47 ms fresh after a pass over A, 0.23 ms
   // into a kept buffer).
   at::Tensor Ybuf = batched(m, b), work = batched(m, b);
-  const at::Tensor Pbuf = plan.depth > 1 ? batched(n, b) : at::Tensor();
+  const at::Tensor Pbuf = plan.depth > 1 ? batched(b, n).mT() : at::Tensor();  // column-major, as P
   const at::Tensor eye = at::eye(b, A.options());
   for (int64_t i = 0; i < plan.depth; ++i) {
     at::Tensor Y = at::matmul_out(Ybuf, A, P);  // pass over A

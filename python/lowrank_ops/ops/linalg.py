@@ -25,7 +25,9 @@ def rsvd(A: Tensor, rank: int, oversample: int = 8, n_iter: int = 2, seed: int =
     with ``Q = orth(K)``), built as a block Lanczos-type recurrence with full
     reorthogonalisation of ``Q``:
 
-    1. ``P₀ = Ω (n, b)`` Gaussian from a CPU generator seeded with ``seed``, one
+    1. ``P₀ = Ω (n, b)`` Gaussian from a CPU generator seeded with ``seed`` (drawn
+       as its ``b × n`` transpose: every ``Pᵢ`` is kept column-major, the operand
+       layout MKL runs ``A·Pᵢ`` fastest with), one
        block for a whole batch (the analysis is per matrix), so a batch member's
        result is the one ``rsvd`` gives for that matrix alone, up to rounding (the
        QR and fp64-Gram fallbacks are decided once for the whole batch).
