@@ -19,15 +19,19 @@ using Grads6 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Te
 at::Tensor lowrank_linear_cpu(const at::Tensor& x, const OptTensor& weight, const OptTensor& bias,
                               const at::Tensor& down, const at::Tensor& up, const OptTensor& core,
                               double scale, const OptTensor& out_scale);
+std::tuple<at::Tensor, at::Tensor> lowrank_linear_with_h_cpu(const at::Tensor& x, const OptTensor& weight,
+    const OptTensor& bias, const at::Tensor& down, const at::Tensor& up, const OptTensor& core, double scale,
+    const OptTensor& out_scale);
 Grads7 lowrank_linear_backward_cpu(const at::Tensor& grad, const at::Tensor& x, const OptTensor& weight,
                                    const at::Tensor& down, const at::Tensor& up, const OptTensor& core,
-                                   double scale, const OptTensor& out_scale, std::array<bool, 7> output_mask);
-std::tuple<at::Tensor, at::Tensor, at::Tensor> dora_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
+                                   double scale, const OptTensor& out_scale, std::array<bool, 7> output_mask,
+                                   const OptTensor& h);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
     const OptTensor& bias, const at::Tensor& down, const at::Tensor& up, const at::Tensor& magnitude, double scale,
     const OptTensor& weight_norm_sq);
 Grads6 dora_linear_backward_cpu(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight,
     const at::Tensor& down, const at::Tensor& up, const at::Tensor& magnitude, double scale,
-    const at::Tensor& pre_scale, const at::Tensor& norm, std::array<bool, 6> output_mask);
+    const at::Tensor& pre_scale, const at::Tensor& norm, std::array<bool, 6> output_mask, const OptTensor& h);
 at::Tensor dora_norm_cpu(const at::Tensor& weight, const at::Tensor& down, const at::Tensor& up, double scale,
                          const OptTensor& weight_norm_sq);
 Grads3 dora_norm_backward_cpu(const at::Tensor& grad, const at::Tensor& norm, const at::Tensor& weight,
@@ -38,15 +42,19 @@ Grads3 dora_norm_backward_cpu(const at::Tensor& grad, const at::Tensor& norm, co
 at::Tensor lowrank_linear_cuda(const at::Tensor& x, const OptTensor& weight, const OptTensor& bias,
                                const at::Tensor& down, const at::Tensor& up, const OptTensor& core,
                                double scale, const OptTensor& out_scale);
+std::tuple<at::Tensor, at::Tensor> lowrank_linear_with_h_cuda(const at::Tensor& x, const OptTensor& weight,
+    const OptTensor& bias, const at::Tensor& down, const at::Tensor& up, const OptTensor& core, double scale,
+    const OptTensor& out_scale);
 Grads7 lowrank_linear_backward_cuda(const at::Tensor& grad, const at::Tensor& x, const OptTensor& weight,
                                     const at::Tensor& down, const at::Tensor& up, const OptTensor& core,
-                                    double scale, const OptTensor& out_scale, std::array<bool, 7> output_mask);
-std::tuple<at::Tensor, at::Tensor, at::Tensor> dora_linear_cuda(const at::Tensor& x, const at::Tensor& weight,
+                                    double scale, const OptTensor& out_scale, std::array<bool, 7> output_mask,
+                                    const OptTensor& h);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_linear_cuda(const at::Tensor& x, const at::Tensor& weight,
     const OptTensor& bias, const at::Tensor& down, const at::Tensor& up, const at::Tensor& magnitude, double scale,
     const OptTensor& weight_norm_sq);
 Grads6 dora_linear_backward_cuda(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight,
     const at::Tensor& down, const at::Tensor& up, const at::Tensor& magnitude, double scale,
-    const at::Tensor& pre_scale, const at::Tensor& norm, std::array<bool, 6> output_mask);
+    const at::Tensor& pre_scale, const at::Tensor& norm, std::array<bool, 6> output_mask, const OptTensor& h);
 at::Tensor dora_norm_cuda(const at::Tensor& weight, const at::Tensor& down, const at::Tensor& up, double scale,
                           const OptTensor& weight_norm_sq);
 Grads3 dora_norm_backward_cuda(const at::Tensor& grad, const at::Tensor& norm, const at::Tensor& weight,

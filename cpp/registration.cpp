@@ -12,10 +12,16 @@ TORCH_LIBRARY_FRAGMENT(lowrank_ops, m) {
   // DoRA (Liu et al. 2024, out_scale = m/‖W+s·up·down‖), VeRA, SVFT-style cores.
   m.def("lowrank_linear(Tensor x, Tensor? weight, Tensor? bias, Tensor down, Tensor up, "
         "Tensor? core=None, float scale=1.0, Tensor? out_scale=None) -> Tensor");
+  // lowrank_linear that also returns its rank-r intermediate h = x·downᵀ (..., r_d),
+  // a non-differentiable output its backward reuses (DESIGN §2: the backward saves
+  // x and the rank-r intermediate).  The typed wrapper uses it whenever a gradient flows.
+  m.def("lowrank_linear_with_h(Tensor x, Tensor? weight, Tensor? bias, Tensor down, Tensor up, "
+        "Tensor? core=None, float scale=1.0, Tensor? out_scale=None) -> (Tensor, Tensor)");
   // Gradients of lowrank_linear for the inputs selected by output_mask
   // (x, weight, bias, down, up, core, out_scale); unselected ones are empty tensors.
+  // h: the forward's x·downᵀ (from lowrank_linear_with_h); recomputed when None.
   m.def("lowrank_linear_backward(Tensor grad, Tensor x, Tensor? weight, Tensor down, Tensor up, "
-        "Tensor? core, float scale, Tensor? out_scale, bool[7] output_mask) "
+        "Tensor? core, float scale, Tensor? out_scale, bool[7] output_mask, Tensor? h=None) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // n_j = ‖W_j + scale·up_j·down‖₂ by the factored identity
   // ‖W‖² + 2s·rowsum((W·downᵀ)⊙up) + s²·rowsum((up·(down·downᵀ))⊙up); never forms up·down.
@@ -23,12 +29,13 @@ TORCH_LIBRARY_FRAGMENT(lowrank_ops, m) {
   m.def("dora_norm(Tensor weight, Tensor down, Tensor up, float scale, Tensor? weight_norm_sq=None) -> Tensor");
   // DoRA (Liu et al. 2024, Eq. 5) in one call with one pass over W:
   // y = (magnitude / n) ⊙ (x·Wᵀ + scale·x·downᵀ·upᵀ) + bias, n = ‖W + scale·up·down‖ per row.
-  // Returns (y, pre_scale, n); the norm is a constant in y's backward (paper §4.3, as peft).
+  // Returns (y, pre_scale, n, h), h = x·downᵀ; the norm is a constant in y's backward
+  // (paper §4.3, as peft); pre_scale, n and h are what the backward reuses.
   m.def("dora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor down, Tensor up, Tensor magnitude, "
-        "float scale=1.0, Tensor? weight_norm_sq=None) -> (Tensor, Tensor, Tensor)");
+        "float scale=1.0, Tensor? weight_norm_sq=None) -> (Tensor, Tensor, Tensor, Tensor)");
   // Gradients of dora_linear's y for (x, weight, bias, down, up, magnitude) selected by output_mask.
   m.def("dora_linear_backward(Tensor grad, Tensor x, Tensor weight, Tensor down, Tensor up, Tensor magnitude, "
-        "float scale, Tensor pre_scale, Tensor norm, bool[6] output_mask) "
+        "float scale, Tensor pre_scale, Tensor norm, bool[6] output_mask, Tensor? h=None) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Gradients of dora_norm for (weight, down, up) selected by output_mask.
   m.def("dora_norm_backward(Tensor grad, Tensor norm, Tensor weight, Tensor down, Tensor up, float scale, "

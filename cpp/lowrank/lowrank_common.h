@@ -159,19 +159,26 @@ inline void base_plus_lowrank_into(at::Tensor& y, const at::Tensor& x2, const Op
 // Epilogue y = y ⊙ out_scale + bias over rows (out_scale, bias optional, (out,)).
 using RowEpilogue = void (*)(at::Tensor& y, const OptTensor& out_scale, const OptTensor& bias);
 
+// With `h_out` given (lowrank_linear_with_h) the rank-r intermediate h = x·downᵀ
+// is returned there as (..., r_d), for the backward to reuse instead of recomputing.
 inline at::Tensor lowrank_linear_impl(const at::Tensor& x, const OptTensor& weight, const OptTensor& bias,
                                       const at::Tensor& down, const at::Tensor& up, const OptTensor& core,
-                                      double scale, const OptTensor& out_scale, RowEpilogue epilogue) {
-  const auto s = check_lowrank_linear(x, weight, bias, down, up, core, out_scale, "lowrank_linear");
+                                      double scale, const OptTensor& out_scale, RowEpilogue epilogue,
+                                      at::Tensor* h_out = nullptr) {
+  const auto s = check_lowrank_linear(x, weight, bias, down, up, core, out_scale,
+                                      h_out ? "lowrank_linear_with_h" : "lowrank_linear");
   at::Tensor y = at::empty({s.tokens, s.out}, x.options());
-  if (s.tokens == 0) return y.view(out_sizes(x, s.out));
-  if (s.in == 0) {
+  if (s.tokens == 0 || s.in == 0) {
+    if (h_out) *h_out = at::zeros(out_sizes(x, s.rd), x.options());
+    if (s.tokens == 0) return y.view(out_sizes(x, s.out));
     y.zero_();
     epilogue(y, out_scale, bias);
     return y.view(out_sizes(x, s.out));
   }
   const at::Tensor x2 = as_rows(x, s.tokens, s.in);
-  const at::Tensor hc = rank_r_term(x2, down, core, s.core_diag, nullptr);
+  at::Tensor h;
+  const at::Tensor hc = rank_r_term(x2, down, core, s.core_diag, h_out ? &h : nullptr);
+  if (h_out) *h_out = h.view(out_sizes(x, s.rd));
   // With out_scale the bias must come after the scaling, so it joins the epilogue.
   const bool bias_in_gemm = bias.has_value() && !out_scale.has_value();
   base_plus_lowrank_into(y, x2, weight, bias_in_gemm ? bias : OptTensor{}, hc, up, scale);
@@ -182,10 +189,12 @@ inline at::Tensor lowrank_linear_impl(const at::Tensor& x, const OptTensor& weig
 // Reduces an (T, out) elementwise product over rows: Σ_t a ⊙ b  -> (out).
 using ColumnDot = at::Tensor (*)(const at::Tensor& a, const at::Tensor& b);
 
+// `h_saved`: the forward's h = x·downᵀ (lowrank_linear_with_h), (..., r_d); recomputed when absent.
 inline Grads7 lowrank_linear_backward_impl(const at::Tensor& grad, const at::Tensor& x, const OptTensor& weight,
                                            const at::Tensor& down, const at::Tensor& up, const OptTensor& core,
                                            double scale, const OptTensor& out_scale,
-                                           std::array<bool, 7> mask, ColumnDot column_dot) {
+                                           std::array<bool, 7> mask, ColumnDot column_dot,
+                                           const OptTensor& h_saved = OptTensor{}) {
   const char* op = "lowrank_linear_backward";
   const auto s = check_lowrank_linear(x, weight, OptTensor{}, down, up, core, out_scale, op);
   check_same(x, grad, op, "grad");
@@ -202,7 +211,18 @@ inline Grads7 lowrank_linear_backward_impl(const at::Tensor& grad, const at::Ten
   at::Tensor h;
   const bool need_h = need_x || need_down || need_up || need_core || need_os;
   at::Tensor hc;
-  if (need_h) hc = rank_r_term(x2, down, core, s.core_diag, &h);
+  if (h_saved.has_value()) {
+    check_same(x, *h_saved, op, "h");
+    TORCH_CHECK(h_saved->numel() == s.tokens * s.rd && h_saved->size(-1) == s.rd, op,
+                ": `h` must have shape (..., r) = (..., ", s.rd, ") with `x`'s leading dims ", shape_str(x),
+                ", got ", shape_str(*h_saved));
+  }
+  if (need_h && h_saved.has_value()) {
+    h = h_saved->reshape({s.tokens, s.rd});
+    hc = !core.has_value() ? h : s.core_diag ? h.mul(*core) : at::mm(h, core->t());
+  } else if (need_h) {
+    hc = rank_r_term(x2, down, core, s.core_diag, &h);
+  }
   if (need_os) {
     // z is not saved by forward (it would cost a (T, out) buffer per layer);
     // recomputing it costs one base GEMM and only happens when out_scale trains.
@@ -376,7 +396,7 @@ inline Grads3 dora_norm_backward_impl(const at::Tensor& grad, const at::Tensor& 
 // dst = src ⊙ out_scale + bias row-wise; dst may alias src.
 using RowEpilogueInto = void (*)(at::Tensor& dst, const at::Tensor& src, const OptTensor& out_scale,
                                  const OptTensor& bias);
-using Tensors3 = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+using Tensors4 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 using Grads6 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 inline void check_magnitude(const at::Tensor& x, const at::Tensor& magnitude, int64_t out, const char* op) {
@@ -388,10 +408,11 @@ inline void check_magnitude(const at::Tensor& x, const at::Tensor& magnitude, in
 // DoRA's forward with one pass over W: the base GEMM runs on the stacked rows
 // [x; down], so the same product yields x·Wᵀ and down·Wᵀ = (W·downᵀ)ᵀ, the
 // only W-sized term of the factored row norm (when T >= r; below that the
-// products run separately, see the branch).  Returns (y, z, n): the output,
+// products run separately, see the branch).  Returns (y, z, n, h): the output,
 // the pre-scale output z = x·Wᵀ + s·x·downᵀ·upᵀ (the magnitude's gradient
-// needs it) and the row norms n = ‖W + s·up·down‖.
-inline Tensors3 dora_linear_impl(const at::Tensor& x, const at::Tensor& weight, const OptTensor& bias,
+// needs it), the row norms n = ‖W + s·up·down‖ and the rank-r intermediate
+// h = x·downᵀ (..., r), which the backward reuses.
+inline Tensors4 dora_linear_impl(const at::Tensor& x, const at::Tensor& weight, const OptTensor& bias,
                                  const at::Tensor& down, const at::Tensor& up, const at::Tensor& magnitude,
                                  double scale, const OptTensor& weight_norm_sq, RowEpilogueInto epilogue) {
   const char* op = "dora_linear";
@@ -402,6 +423,7 @@ inline Tensors3 dora_linear_impl(const at::Tensor& x, const at::Tensor& weight, 
   const int64_t T = s.tokens, r = s.rd;
   const at::Tensor x2 = as_rows(x, T, s.in);
   at::Tensor z, dw;  // z = x·Wᵀ + s·x·downᵀ·upᵀ (T, out), dw = down·Wᵀ (r, out)
+  at::Tensor h;      // x·downᵀ (T, r)
   const bool lowrank = T > 0 && s.in > 0;
   if (T >= r || mirror_few_rows_gemm(T + r, weight.t())) {
     // Stacking adds at most T rows to a GEMM that reads W anyway: one pass over W.
@@ -414,7 +436,8 @@ inline Tensors3 dora_linear_impl(const at::Tensor& x, const at::Tensor& weight, 
     if (lowrank) {
       // h = x·downᵀ over the first T rows and zero over the r stacked `down` rows,
       // so the rank-r term reaches z only.
-      at::Tensor ha = at::empty({T + r, r}, x.options()), h = ha.narrow(0, 0, T);
+      at::Tensor ha = at::empty({T + r, r}, x.options());
+      h = ha.narrow(0, 0, T);
       at::mm_out(h, x2, down.t());
       ha.narrow(0, T, r).zero_();
       base_plus_rank_r_into(za, xa, weight.t(), ha, up.t(), scale);
@@ -430,7 +453,8 @@ inline Tensors3 dora_linear_impl(const at::Tensor& x, const at::Tensor& weight, 
     // off the matrix-vector path, so the two products run separately.
     z = at::empty({T, s.out}, x.options());
     if (lowrank) {
-      base_plus_rank_r_into(z, x2, weight.t(), at::mm(x2, down.t()), up.t(), scale);
+      h = at::mm(x2, down.t());
+      base_plus_rank_r_into(z, x2, weight.t(), h, up.t(), scale);
     } else {
       z.zero_();
     }
@@ -442,7 +466,9 @@ inline Tensors3 dora_linear_impl(const at::Tensor& x, const at::Tensor& weight, 
   const at::Tensor factor = magnitude.to(acc).div(n).to(x.scalar_type());
   at::Tensor y = at::empty({T, s.out}, x.options());
   if (T > 0) epilogue(y, z, factor, bias);
-  return {y.view(out_sizes(x, s.out)), z.view(out_sizes(x, s.out)), n.to(weight.scalar_type())};
+  if (!h.defined()) h = at::zeros({T, r}, x.options());  // no tokens or no input features
+  return {y.view(out_sizes(x, s.out)), z.view(out_sizes(x, s.out)), n.to(weight.scalar_type()),
+          h.view(out_sizes(x, r))};
 }
 
 // Gradients of dora_linear's first output with the norm held constant (DoRA §4.3):
@@ -450,7 +476,8 @@ inline Tensors3 dora_linear_impl(const at::Tensor& x, const at::Tensor& weight, 
 inline Grads6 dora_linear_backward_impl(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight,
                                         const at::Tensor& down, const at::Tensor& up, const at::Tensor& magnitude,
                                         double scale, const at::Tensor& pre_scale, const at::Tensor& norm,
-                                        std::array<bool, 6> mask, ColumnDot column_dot) {
+                                        std::array<bool, 6> mask, ColumnDot column_dot,
+                                        const OptTensor& h = OptTensor{}) {
   const char* op = "dora_linear_backward";
   const auto s = check_lowrank_linear(x, weight, OptTensor{}, down, up, OptTensor{}, OptTensor{}, op);
   check_magnitude(x, magnitude, s.out, op);
@@ -461,7 +488,7 @@ inline Grads6 dora_linear_backward_impl(const at::Tensor& grad, const at::Tensor
   const at::Tensor n = norm.to(acc);
   const at::Tensor factor = magnitude.to(acc).div(n).to(x.scalar_type());
   auto g = lowrank_linear_backward_impl(grad, x, weight, down, up, OptTensor{}, scale, factor,
-                                        {mask[0], mask[1], mask[2], mask[3], mask[4], false, false}, column_dot);
+                                        {mask[0], mask[1], mask[2], mask[3], mask[4], false, false}, column_dot, h);
   at::Tensor gm;
   if (mask[5]) {
     gm = column_dot(grad.reshape({s.tokens, s.out}), pre_scale.reshape({s.tokens, s.out})).to(acc).div_(n)

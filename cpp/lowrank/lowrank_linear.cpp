@@ -23,16 +23,27 @@ at::Tensor lowrank_linear_cpu(const at::Tensor& x, const OptTensor& weight, cons
   return detail::lowrank_linear_impl(x, weight, bias, down, up, core, scale, out_scale, &row_epilogue_inplace);
 }
 
+std::tuple<at::Tensor, at::Tensor> lowrank_linear_with_h_cpu(const at::Tensor& x, const OptTensor& weight,
+    const OptTensor& bias, const at::Tensor& down, const at::Tensor& up, const OptTensor& core, double scale,
+    const OptTensor& out_scale) {
+  at::Tensor h;
+  at::Tensor y =
+      detail::lowrank_linear_impl(x, weight, bias, down, up, core, scale, out_scale, &row_epilogue_inplace, &h);
+  return {y, h};
+}
+
 Grads7 lowrank_linear_backward_cpu(const at::Tensor& grad, const at::Tensor& x, const OptTensor& weight,
                                    const at::Tensor& down, const at::Tensor& up, const OptTensor& core, double scale,
-                                   const OptTensor& out_scale, std::array<bool, 7> output_mask) {
+                                   const OptTensor& out_scale, std::array<bool, 7> output_mask,
+                                   const OptTensor& h) {
   return detail::lowrank_linear_backward_impl(grad, x, weight, down, up, core, scale, out_scale, output_mask,
-                                              &cpu::column_dot_cpu);
+                                              &cpu::column_dot_cpu, h);
 }
 
 }  // namespace lowrank_ops
 
 TORCH_LIBRARY_IMPL(lowrank_ops, CPU, m) {
   m.impl("lowrank_linear", &lowrank_ops::lowrank_linear_cpu);
+  m.impl("lowrank_linear_with_h", &lowrank_ops::lowrank_linear_with_h_cpu);
   m.impl("lowrank_linear_backward", &lowrank_ops::lowrank_linear_backward_cpu);
 }

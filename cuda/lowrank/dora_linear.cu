@@ -10,10 +10,9 @@
 
 namespace lowrank_ops {
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> dora_linear_cuda(const at::Tensor& x, const at::Tensor& weight,
-                                                                const OptTensor& bias, const at::Tensor& down,
-                                                                const at::Tensor& up, const at::Tensor& magnitude,
-                                                                double scale, const OptTensor& weight_norm_sq) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_linear_cuda(const at::Tensor& x,
+    const at::Tensor& weight, const OptTensor& bias, const at::Tensor& down, const at::Tensor& up,
+    const at::Tensor& magnitude, double scale, const OptTensor& weight_norm_sq) {
   const c10::cuda::CUDAGuard guard(x.device());
   return detail::dora_linear_impl(x, weight, bias, down, up, magnitude, scale, weight_norm_sq,
                                   &cuda::row_epilogue_cuda);
@@ -22,10 +21,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dora_linear_cuda(const at::Tensor
 Grads6 dora_linear_backward_cuda(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight,
                                  const at::Tensor& down, const at::Tensor& up, const at::Tensor& magnitude,
                                  double scale, const at::Tensor& pre_scale, const at::Tensor& norm,
-                                 std::array<bool, 6> output_mask) {
+                                 std::array<bool, 6> output_mask, const OptTensor& h) {
   const c10::cuda::CUDAGuard guard(x.device());
   return detail::dora_linear_backward_impl(grad, x, weight, down, up, magnitude, scale, pre_scale, norm, output_mask,
-                                           &cuda::column_dot_cuda);
+                                           &cuda::column_dot_cuda, h);
 }
 
 }  // namespace lowrank_ops

@@ -26,17 +26,29 @@ at::Tensor lowrank_linear_cuda(const at::Tensor& x, const OptTensor& weight, con
   return detail::lowrank_linear_impl(x, weight, bias, down, up, core, scale, out_scale, &row_epilogue_inplace);
 }
 
+std::tuple<at::Tensor, at::Tensor> lowrank_linear_with_h_cuda(const at::Tensor& x, const OptTensor& weight,
+    const OptTensor& bias, const at::Tensor& down, const at::Tensor& up, const OptTensor& core, double scale,
+    const OptTensor& out_scale) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor h;
+  at::Tensor y =
+      detail::lowrank_linear_impl(x, weight, bias, down, up, core, scale, out_scale, &row_epilogue_inplace, &h);
+  return {y, h};
+}
+
 Grads7 lowrank_linear_backward_cuda(const at::Tensor& grad, const at::Tensor& x, const OptTensor& weight,
                                     const at::Tensor& down, const at::Tensor& up, const OptTensor& core,
-                                    double scale, const OptTensor& out_scale, std::array<bool, 7> output_mask) {
+                                    double scale, const OptTensor& out_scale, std::array<bool, 7> output_mask,
+                                    const OptTensor& h) {
   const c10::cuda::CUDAGuard guard(x.device());
   return detail::lowrank_linear_backward_impl(grad, x, weight, down, up, core, scale, out_scale, output_mask,
-                                              &cuda::column_dot_cuda);
+                                              &cuda::column_dot_cuda, h);
 }
 
 }  // namespace lowrank_ops
 
 TORCH_LIBRARY_IMPL(lowrank_ops, CUDA, m) {
   m.impl("lowrank_linear", &lowrank_ops::lowrank_linear_cuda);
+  m.impl("lowrank_linear_with_h", &lowrank_ops::lowrank_linear_with_h_cuda);
   m.impl("lowrank_linear_backward", &lowrank_ops::lowrank_linear_backward_cuda);
 }

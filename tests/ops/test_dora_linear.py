@@ -63,12 +63,15 @@ CASES = [
 @pytest.mark.parametrize("lead,n_in,out,rank,scale,bias", CASES)
 def test_forward_matches_reference(lead, n_in, out, rank, scale, bias, dtype, device):
     a = make_inputs(lead, n_in, out, rank, dtype, device, bias)
-    y, pre, n = dora_linear(**a, scale=scale)
+    y, pre, n, h = dora_linear(**a, scale=scale)
     ref = dora_linear_ref(**a, scale=scale)
     ref64 = dora_linear_ref(**fp64(a), scale=scale)
-    assert y.shape == (*lead, out) and pre.shape == (*lead, out) and n.shape == (out,)
+    assert y.shape == (*lead, out) and pre.shape == (*lead, out) and n.shape == (out,) and h.shape == (*lead, rank)
     for name, ours, r, r64 in zip(("y", "pre_scale", "norm"), (y, pre, n), ref, ref64):
         assert_close_to_ref(ours, r.detach(), r64.detach(), name=name)
+    h_ref = torch.nn.functional.linear(a["x"], a["down"])
+    h_ref64 = torch.nn.functional.linear(fp64(a)["x"], fp64(a)["down"])
+    assert_close_to_ref(h, h_ref, h_ref64, name="h")
 
 
 @devices
@@ -108,11 +111,11 @@ def test_gradcheck_inputs_outside_the_norm(device):
     assert torch.autograd.gradgradcheck(f, (x, b, m))
 
 
-def test_pre_scale_and_norm_are_non_differentiable():
+def test_pre_scale_norm_and_h_are_non_differentiable():
     a = make_inputs((2, 3), 7, 5, 3, torch.float64)
     lv = {k: v.detach().requires_grad_() for k, v in a.items()}
-    y, pre, n = OP(**lv, scale=0.7)
-    assert y.requires_grad and not pre.requires_grad and not n.requires_grad
+    y, pre, n, h = OP(**lv, scale=0.7)
+    assert y.requires_grad and not pre.requires_grad and not n.requires_grad and not h.requires_grad
 
 
 MASKS = [(1, 1, 1, 1, 1, 1), (1, 0, 0, 0, 0, 0), (0, 0, 0, 1, 1, 0), (0, 0, 0, 0, 0, 1), (0, 1, 1, 0, 0, 0)]
@@ -122,15 +125,17 @@ MASKS = [(1, 1, 1, 1, 1, 1), (1, 0, 0, 0, 0, 0), (0, 0, 0, 1, 1, 0), (0, 0, 0, 0
 @pytest.mark.parametrize("mask", [tuple(map(bool, m)) for m in MASKS], ids=["".join(map(str, m)) for m in MASKS])
 def test_backward_op_output_mask(mask, device):
     a = make_inputs((6,), 33, 17, 5, torch.float64, device)
-    y, pre, n = OP(**a, scale=0.5)
+    y, pre, n, h = OP(**a, scale=0.5)
     g = randn(6, 17, dtype=torch.float64, device=device)
     outs = BWD(g, a["x"], a["weight"], a["down"], a["up"], a["magnitude"], 0.5, pre, n, list(mask))
+    outs_h = BWD(g, a["x"], a["weight"], a["down"], a["up"], a["magnitude"], 0.5, pre, n, list(mask), h)
     full = grads(dora_linear_ref, a, 0.5, g)
-    for name, want, got, ref in zip(NAMES, mask, outs, full):
+    for name, want, got, got_h, ref in zip(NAMES, mask, outs, outs_h, full):
         if want:
             torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12, msg=name)
+            torch.testing.assert_close(got_h, got, rtol=1e-12, atol=1e-14, msg=f"{name} with the saved h")
         else:
-            assert got.numel() == 0, name
+            assert got.numel() == 0 and got_h.numel() == 0, name
 
 
 def test_cancelling_rows_are_exact():
@@ -151,6 +156,11 @@ def test_opcheck():
         torch.library.opcheck(OP, (*a.values(), 0.5, a["weight"].square().sum(1)))
         lv = {k: (None if v is None else v.detach().requires_grad_()) for k, v in a.items()}
         torch.library.opcheck(OP, (*lv.values(), 0.5))
+    y, pre, n, h = OP(**a, scale=0.5)
+    g = torch.randn_like(y)
+    args = (g, a["x"], a["weight"], a["down"], a["up"], a["magnitude"], 0.5, pre, n, [True] * 6)
+    torch.library.opcheck(BWD, args)
+    torch.library.opcheck(BWD, (*args, h))
 
 
 def test_compile_fullgraph():

@@ -27,6 +27,7 @@ from utils import (
 )
 
 OP = torch.ops.lowrank_ops.lowrank_linear
+OP_H = torch.ops.lowrank_ops.lowrank_linear_with_h
 BWD = torch.ops.lowrank_ops.lowrank_linear_backward
 #: Differentiable inputs, in the order of the backward op's outputs and output_mask.
 NAMES = ("x", "weight", "bias", "down", "up", "core", "out_scale")
@@ -445,6 +446,53 @@ def test_wrapper_without_gradient_skips_autograd(mode, requires_grad):
     assert z.grad_fn is not None
 
 
+@devices
+@dtypes
+@pytest.mark.parametrize("case", FORWARD_CASES)
+def test_with_h_returns_the_output_and_the_rank_r_intermediate(case, dtype, device):
+    """lowrank_linear_with_h's y is lowrank_linear's, bit for bit, and h = x·downᵀ with x's leading dims."""
+    a = make_inputs(case, dtype, device)
+    y, h = call(OP_H, a)
+    torch.testing.assert_close(y, call(OP, a), rtol=0, atol=0)
+    assert h.shape == (*case.lead, case.rank) and h.dtype == dtype
+    h_ref = torch.nn.functional.linear(a["x"], a["down"])
+    h64 = torch.nn.functional.linear(to_fp64(a["x"]), to_fp64(a["down"]))
+    assert_close_to_ref(h, h_ref, h64, name="h")
+
+
+@devices
+@pytest.mark.parametrize("mask", [(True,) * 7, (False, False, False, False, True, True, False)], ids=["all", "up_core"])
+def test_backward_with_saved_h_equals_recomputed(mask, device):
+    """The backward op given the forward's h returns what it returns when it recomputes h."""
+    case = replace(BASE, lead=(2, 5), core="full", ru=4, out_scale=True)
+    a = make_inputs(case, torch.float64, device)
+    g = randn(2, 5, case.out, dtype=torch.float64, device=device)
+    args = (g, a["x"], a["weight"], a["down"], a["up"], a["core"], a["scale"], a["out_scale"], list(mask))
+    _, h = call(OP_H, a)
+    for n, m, r, s in zip(NAMES, mask, BWD(*args), BWD(*args, h)):
+        torch.testing.assert_close(s, r, rtol=1e-12, atol=1e-14, msg=f"grad of {n}")
+        assert (s.numel() > 0) == m, n
+
+
+def test_backward_bad_h_shape():
+    a = make_inputs(BASE, torch.float64)
+    g = randn(*BASE.lead, BASE.out, dtype=torch.float64, device="cpu")
+    args = (g, a["x"], a["weight"], a["down"], a["up"], a["core"], a["scale"], a["out_scale"], [True] * 7)
+    with pytest.raises(RuntimeError, match=r"`h` must have shape \(\.\.\., r\)"):
+        BWD(*args, randn(*BASE.lead, BASE.rank + 1, dtype=torch.float64, device="cpu"))
+    with pytest.raises(RuntimeError, match="`h` has dtype"):
+        BWD(*args, randn(*BASE.lead, BASE.rank, dtype=torch.float32, device="cpu"))
+
+
+def test_wrapper_saves_h_for_the_backward():
+    """With a gradient to record, the wrapper's graph node is lowrank_linear_with_h's (h saved, not recomputed)."""
+    a = leaves(make_inputs(BASE, torch.float64), NAMES)
+    y = call(lowrank_linear, a)
+    assert "lowrank_linear_with_h" in type(y.grad_fn).__name__
+    saved = [t for t in y.grad_fn.saved_tensors if t is not None]
+    assert any(t.shape == (*BASE.lead, BASE.rank) for t in saved), [tuple(t.shape) for t in saved]
+
+
 MASKS = [tuple(i == j for j in range(7)) for i in range(7)] + [
     (True,) * 7,
     (False,) * 7,
@@ -508,10 +556,11 @@ OPCHECK_PARAMS = [pytest.param(p.values[0], True, id=f"{p.id}-grad") for p in OP
 
 
 @devices
+@pytest.mark.parametrize("op", [OP, OP_H], ids=["lowrank_linear", "with_h"])
 @pytest.mark.parametrize("case,requires_grad", OPCHECK_PARAMS)
-def test_opcheck(case, requires_grad, device):
+def test_opcheck(case, requires_grad, device, op):
     a = leaves(make_inputs(case, torch.float32, device), NAMES if requires_grad else ())
-    torch.library.opcheck(OP, (a["x"], a["weight"], a["bias"], a["down"], a["up"], a["core"], a["scale"],
+    torch.library.opcheck(op, (a["x"], a["weight"], a["bias"], a["down"], a["up"], a["core"], a["scale"],
                                a["out_scale"]))
 
 
@@ -528,8 +577,10 @@ def test_opcheck(case, requires_grad, device):
 def test_opcheck_backward_op(case, mask, device):
     a = make_inputs(case, torch.float32, device)
     g = randn(*case.lead, case.out, dtype=torch.float32, device=device)
-    torch.library.opcheck(BWD, (g, a["x"], a["weight"], a["down"], a["up"], a["core"], a["scale"],
-                                a["out_scale"], list(mask)))
+    args = (g, a["x"], a["weight"], a["down"], a["up"], a["core"], a["scale"], a["out_scale"], list(mask))
+    torch.library.opcheck(BWD, args)
+    h = torch.nn.functional.linear(a["x"], a["down"])
+    torch.library.opcheck(BWD, (*args, h))
 
 
 # --------------------------------------------------------------------------- torch.compile

@@ -170,7 +170,7 @@ class DoRALinear(LoRALinear):
             return ops.lowrank_linear(x, base.weight, base.bias, a, b, None, self.scaling, cached[1])
         if isinstance(self.lora_dropout, nn.Identity) or not self.training:
             # one pass over W for both the output and the norm's W·Aᵀ
-            y, _, _ = ops.dora_linear(x, base.weight, base.bias, a, b, m, self.scaling, self._wn2())
+            y = ops.dora_linear(x, base.weight, base.bias, a, b, m, self.scaling, self._wn2())[0]
             return y
         # Dropout changes the adapter's input only: z = W·x + s·B·A·dropout(x).
         factor = m / self._norm()
