@@ -26,9 +26,9 @@ Grads7 lowrank_linear_backward_cpu(const at::Tensor& grad, const at::Tensor& x, 
                                    const at::Tensor& down, const at::Tensor& up, const OptTensor& core,
                                    double scale, const OptTensor& out_scale, std::array<bool, 7> output_mask,
                                    const OptTensor& h);
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
-    const OptTensor& bias, const at::Tensor& down, const at::Tensor& up, const at::Tensor& magnitude, double scale,
-    const OptTensor& weight_norm_sq);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_linear_cpu(const at::Tensor& x,
+    const at::Tensor& weight, const OptTensor& bias, const at::Tensor& down, const at::Tensor& up,
+    const at::Tensor& magnitude, double scale, const OptTensor& weight_norm_sq);
 Grads6 dora_linear_backward_cpu(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight,
     const at::Tensor& down, const at::Tensor& up, const at::Tensor& magnitude, double scale,
     const at::Tensor& pre_scale, const at::Tensor& norm, std::array<bool, 6> output_mask, const OptTensor& h);
@@ -49,9 +49,9 @@ Grads7 lowrank_linear_backward_cuda(const at::Tensor& grad, const at::Tensor& x,
                                     const at::Tensor& down, const at::Tensor& up, const OptTensor& core,
                                     double scale, const OptTensor& out_scale, std::array<bool, 7> output_mask,
                                     const OptTensor& h);
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_linear_cuda(const at::Tensor& x, const at::Tensor& weight,
-    const OptTensor& bias, const at::Tensor& down, const at::Tensor& up, const at::Tensor& magnitude, double scale,
-    const OptTensor& weight_norm_sq);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_linear_cuda(const at::Tensor& x,
+    const at::Tensor& weight, const OptTensor& bias, const at::Tensor& down, const at::Tensor& up,
+    const at::Tensor& magnitude, double scale, const OptTensor& weight_norm_sq);
 Grads6 dora_linear_backward_cuda(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight,
     const at::Tensor& down, const at::Tensor& up, const at::Tensor& magnitude, double scale,
     const at::Tensor& pre_scale, const at::Tensor& norm, std::array<bool, 6> output_mask, const OptTensor& h);

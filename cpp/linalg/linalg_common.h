@@ -331,9 +331,9 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> rsvd_impl(const at::Tensor
   // view of b × n rows): MKL runs A·P up to 1.5× faster that way for b = 32–48
   // (A 1024², b = 32: 0.23 against 0.35 ms; 2048², b = 32: 0.97 against 1.31 ms;
   // 1024×4096: 0.93 against 1.31 ms) and the same (±1 %) for b = 16 or 64 at 4096².
+  // So Ω is drawn as its b × n transpose (a transposing copy of an n × b draw cost
+  // 2.6 ms at 14336 × 64, the draw itself 3.2 ms), and Pbuf below is column-major too.
   auto gen = at::make_generator<at::CPUGeneratorImpl>(static_cast<uint64_t>(seed));
-  // Ω is drawn as its b × n transpose: a transposing copy of an n × b draw cost
-  // 2.6 ms at 14336 × 64 (the draw itself 3.2 ms).
   at::Tensor P = at::randn({plan.block, n}, gen, at::TensorOptions().dtype(dt)).to(A.device()).mT();
 
   const int64_t b = plan.block, L = plan.block * plan.depth;

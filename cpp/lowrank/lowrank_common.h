@@ -113,14 +113,20 @@ inline at::Tensor as_rows(const at::Tensor& x, int64_t tokens, int64_t in) {
   return x.reshape({tokens, in});
 }
 
+// The core applied to h (T, r_d): hc = h·coreᵀ (or h ⊙ core), h itself without a
+// core; a diagonal core scales h in place when `overwrite` allows.
+inline at::Tensor apply_core(const at::Tensor& h, const OptTensor& core, bool diag, bool overwrite) {
+  if (!core.has_value()) return h;
+  if (diag) return overwrite ? h.mul_(*core) : h.mul(*core);
+  return at::mm(h, core->t());
+}
+
 // h = x·downᵀ, then the core: hc = h·coreᵀ (or h ⊙ core).  Both (T, r): small.
 inline at::Tensor rank_r_term(const at::Tensor& x2, const at::Tensor& down, const OptTensor& core, bool diag,
                               at::Tensor* h_out) {
   at::Tensor h = at::mm(x2, down.t());
   if (h_out) *h_out = h;
-  if (!core.has_value()) return h;
-  if (diag) return h_out ? h.mul(*core) : h.mul_(*core);
-  return at::mm(h, core->t());
+  return apply_core(h, core, diag, /*overwrite=*/h_out == nullptr);
 }
 
 // dst = a·b + s·c·d: the rank-r term c·d written first (beta = 0, plus `bias`
@@ -219,7 +225,7 @@ inline Grads7 lowrank_linear_backward_impl(const at::Tensor& grad, const at::Ten
   }
   if (need_h && h_saved.has_value()) {
     h = h_saved->reshape({s.tokens, s.rd});
-    hc = !core.has_value() ? h : s.core_diag ? h.mul(*core) : at::mm(h, core->t());
+    hc = apply_core(h, core, s.core_diag, /*overwrite=*/false);
   } else if (need_h) {
     hc = rank_r_term(x2, down, core, s.core_diag, &h);
   }

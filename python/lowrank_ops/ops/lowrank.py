@@ -20,8 +20,9 @@ def _no_grad_flows(args) -> bool:
         torch.is_grad_enabled() and torch._C._any_requires_grad(*args))
 
 
-def _call(op, *args):
-    """``op(*args)``, below the autograd key when no gradient can flow.
+def _call(op, *args, op_with_grad=None):
+    """``op(*args)``, below the autograd key when no gradient can flow; otherwise
+    ``op_with_grad(*args)`` when given (else ``op``).
 
     The autograd formulas below are Python (``register_autograd``), so every
     call of the op passes through a Python kernel at the autograd key even under
@@ -32,9 +33,15 @@ def _call(op, *args):
     call, whose graph holds the op either way.
     """
     if not _no_grad_flows(args):
-        return op(*args)
+        return (op_with_grad or op)(*args)
     with torch._C._AutoDispatchBelowAutograd():
         return op(*args)
+
+
+def _lowrank_linear_y_saving_h(*args):
+    # The variant that also returns h = x·downᵀ, which its backward reuses instead
+    # of recomputing (one (T, in) × (in, r) product less).
+    return _lib.lowrank_linear_with_h.default(*args)[0]
 
 
 def lowrank_linear(
@@ -65,13 +72,8 @@ def lowrank_linear(
     Returns:
         ``(..., out)`` tensor in ``x``'s dtype.  All tensors must share dtype and device.
     """
-    args = (x, weight, bias, down, up, core, float(scale), out_scale)
-    if _no_grad_flows(args):
-        with torch._C._AutoDispatchBelowAutograd():
-            return _lib.lowrank_linear.default(*args)
-    # A gradient may flow: the variant that also returns h = x·downᵀ, which its
-    # backward reuses instead of recomputing (one (T, in) × (in, r) product less).
-    return _lib.lowrank_linear_with_h.default(*args)[0]
+    return _call(_lib.lowrank_linear.default, x, weight, bias, down, up, core, float(scale), out_scale,
+                 op_with_grad=_lowrank_linear_y_saving_h)
 
 
 def lowrank_linear_with_h(
