@@ -32,6 +32,20 @@ def lowrank_linear_ref(
     return y
 
 
+def lowrank_linear_with_h_ref(
+    x: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    down: Tensor,
+    up: Tensor,
+    core: Optional[Tensor] = None,
+    scale: float = 1.0,
+    out_scale: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor]:
+    """``(lowrank_linear_ref(...), x·downᵀ)``: the output and the rank-r intermediate before the core."""
+    return lowrank_linear_ref(x, weight, bias, down, up, core, scale, out_scale), F.linear(x, down)
+
+
 def dora_norm_ref(weight: Tensor, down: Tensor, up: Tensor, scale: float, weight_norm_sq: Optional[Tensor] = None) -> Tensor:
     """Row norms of the materialized ``W + scale·up·down`` (what peft's DoRA does)."""
     del weight_norm_sq
@@ -39,12 +53,15 @@ def dora_norm_ref(weight: Tensor, down: Tensor, up: Tensor, scale: float, weight
 
 
 def dora_linear_ref(x: Tensor, weight: Tensor, bias: Optional[Tensor], down: Tensor, up: Tensor, magnitude: Tensor,
-                    scale: float = 1.0, weight_norm_sq: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
-    """peft's DoRA forward: materialize ``up·down``, detach the norm, rescale."""
+                    scale: float = 1.0, weight_norm_sq: Optional[Tensor] = None
+                    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """peft's DoRA forward: materialize ``up·down``, detach the norm, rescale.  Returns
+    ``(y, pre_scale, norm, h)`` like ``dora_linear``, ``h = x·downᵀ``."""
     del weight_norm_sq
     norm = dora_norm_ref(weight, down, up, scale)
-    pre = F.linear(x, weight) + scale * F.linear(F.linear(x, down), up)
+    h = F.linear(x, down)
+    pre = F.linear(x, weight) + scale * F.linear(h, up)
     y = (magnitude / norm.detach()) * pre
     if bias is not None:
         y = y + bias
-    return y, pre, norm
+    return y, pre, norm, h
