@@ -28,6 +28,17 @@ inline void check_float_input(const at::Tensor& A, const char* op) {
               ": `A` must be a floating tensor (float64/float32/bfloat16/float16), got ", A.scalar_type());
 }
 
+// Non-finite input policy of the linalg family: NaN or Inf raises this error
+// (naming the op) instead of LAPACK's convergence failure or silent NaN factors.
+// Checked where it is cheap: on the input where the op reads it in full anyway
+// (pivoted_qr, rsvd's exact route), else on a small product every input entry
+// reaches (rsvd's first sketch A·Ω or Gram matrix, the update ops' core matrix):
+// a NaN or Inf in any entry of a factor makes that product non-finite.
+inline void check_finite(const at::Tensor& t, const char* op, const char* what) {
+  TORCH_CHECK(t.numel() == 0 || at::isfinite(t).all().item<bool>(), op, ": ", what,
+              " contains NaN or Inf; the linalg ops require finite input");
+}
+
 // ---------------------------------------------------------------- orthonormalisation
 
 // Whether a Cholesky factorisation failed (info ≠ 0 for some matrix of the batch).
@@ -130,8 +141,19 @@ inline at::Tensor orthonormalize_against(at::Tensor Y, const at::Tensor& Qp, con
   Y = project_out(Y, Qp);
   at::Tensor Q, redo;
   if (cholqr2_projected(Y, Qp, eye, Q, redo, dst, work)) return Q;
-  // Householder's Q is orthonormal; projected once more it is ⊥ Qp to O(u) too.
-  Q = project_out(std::get<0>(at::linalg_qr(redo, "reduced")), Qp);
+  const int64_t p = Qp.defined() ? Qp.size(-1) : 0;
+  if (p == 0 || p + b > Y.size(-2)) {
+    // Householder's Q is orthonormal; projected once more it is ⊥ Qp to O(u) too
+    // (with p + b > m no b columns ⊥ Qp exist; the caller keeps p + b ≤ m).
+    Q = project_out(std::get<0>(at::linalg_qr(redo, "reduced")), Qp);
+  } else {
+    // A rank-deficient block (zero or exactly-low-rank A): Householder QR of
+    // `redo` alone completes it with columns that may lie inside span(Qp), which
+    // the projection would then zero.  QR of [Qp, redo] with Qp first completes
+    // span(Qp) orthonormally instead; its last b columns are ⊥ Qp and span
+    // range(redo) ⊥ Qp plus orthonormal filler for the deficient directions.
+    Q = std::get<0>(at::linalg_qr(at::cat({Qp, redo}, -1), "reduced")).narrow(-1, p, b);
+  }
   return dst.defined() ? dst.copy_(Q) : Q;
 }
 
@@ -181,6 +203,30 @@ inline at::Tensor well_conditioned_basis(const at::Tensor& X, const at::Tensor& 
   return out;
 }
 
+// Eigenpairs (ascending) of the Gram matrix G = X·Xᵀ of a wide X (..., L, n), of
+// which the caller uses the top `rank`.  In fp32, λ_rank below ~1e3·u·λ₁
+// (σ_rank < ~0.011·σ₁) would leave the last of those directions unresolved by
+// G's rounding (measured: 1.09× the optimal error on an i⁻² spectrum at k = 64 in
+// rayleigh_ritz_gram; 1.27× on i⁻³ at 200 × 1000, k = 40, on rsvd's Gram route),
+// so G is then formed once more in fp64, which holds X's fp32 data exactly to
+// u₆₄·‖X‖².  Decided once for a whole batch.
+inline std::tuple<at::Tensor, at::Tensor> gram_eigh(const at::Tensor& X, int64_t rank) {
+  const int64_t L = X.size(-2);
+  const at::Tensor G = at::matmul(X, X.mT());
+  check_finite(G, "lowrank_ops::rsvd", "`A`");
+  auto [evals, evecs] = at::linalg_eigh(G);
+  if (X.scalar_type() == at::kFloat && rank > 0 && evals.numel() > 0) {
+    const double u = std::numeric_limits<float>::epsilon();
+    const bool resolved = (evals.narrow(-1, L - rank, 1) >= evals.narrow(-1, L - 1, 1) * (1e3 * u)).all().item<bool>();
+    if (!resolved) {
+      const at::Tensor X64 = X.to(at::kDouble);
+      auto [e64, v64] = at::linalg_eigh(at::matmul(X64, X64.mT()));
+      return std::make_tuple(e64.to(at::kFloat), v64.to(at::kFloat));
+    }
+  }
+  return std::make_tuple(evals, evecs);
+}
+
 // The Gram route for a short dimension: for m ≤ n (else on Aᵀ) the eigenvectors
 // of G = A·Aᵀ (m × m, one wide GEMM) for its c = min(rank + oversample, m) largest
 // eigenvalues give Ũ, then one Rayleigh–Ritz step on the row space:
@@ -202,8 +248,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> rsvd_gram(const at::Tensor
   }
   const int64_t m = A.size(-2);
   const int64_t c = std::min(rank + oversample, m);
-  at::Tensor G = at::matmul(A, A.mT());
-  at::Tensor V = std::get<1>(at::linalg_eigh(G));     // eigenvalues ascending
+  at::Tensor V = std::get<1>(gram_eigh(A, rank));  // eigenvalues ascending
   at::Tensor Z = orthonormalize(at::matmul(A.mT(), V.narrow(-1, m - c, c)));  // n × c
   auto [Uw, S, Vwh] = at::linalg_svd(at::matmul(A, Z), /*full_matrices=*/false);  // of the m × c matrix A·Z
   at::Tensor Vh = at::matmul(Vwh.narrow(-2, 0, rank), Z.mT());
@@ -246,20 +291,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> short_side_svd(const at::T
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> rayleigh_ritz_gram(const at::Tensor& Q, const at::Tensor& B,
                                                                         int64_t rank) {
   const int64_t L = B.size(-2);
-  auto [evals, evecs] = at::linalg_eigh(at::matmul(B, B.mT()));  // ascending eigenvalues
-  if (B.scalar_type() == at::kFloat) {
-    // λ_k below ~1e3·u·λ₁ (σ_k < ~0.011·σ₁): fp32 rounding of G would leave the last
-    // directions unresolved (measured: 1.09× the optimal error on an i⁻² spectrum at
-    // k = 64); G once more in fp64, which holds B's fp32 data exactly to u₆₄·‖B‖².
-    const double u = std::numeric_limits<float>::epsilon();
-    const bool resolved = (evals.narrow(-1, L - rank, 1) >= evals.narrow(-1, L - 1, 1) * (1e3 * u)).all().item<bool>();
-    if (!resolved) {
-      const at::Tensor B64 = B.to(at::kDouble);
-      auto [e64, v64] = at::linalg_eigh(at::matmul(B64, B64.mT()));
-      evals = e64.to(at::kFloat);
-      evecs = v64.to(at::kFloat);
-    }
-  }
+  auto [evals, evecs] = gram_eigh(B, rank);  // ascending eigenvalues
   const at::Tensor Uk = evecs.narrow(-1, L - rank, rank).flip(-1);  // L × k, largest first
   const at::Tensor sigma = evals.narrow(-1, L - rank, rank).flip(-1).clamp_min(0).sqrt();  // (…, k)
   const auto eye = at::eye(rank, B.options());
@@ -309,6 +341,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> rsvd_impl(const at::Tensor
   if (plan.block * plan.depth >= kmin || A.numel() == 0) {
     // The Krylov space would span all of min(m, n): the exact SVD costs no more —
     // through the short side for a wide (or tall) A, which LAPACK runs slowly.
+    check_finite(A, "lowrank_ops::rsvd", "`A`");
     if (A.numel() > 0 && std::max(m, n) >= 2 * kmin) {
       auto [U, S, Vh] = short_side_svd(A);
       return truncate(U, S, Vh);
@@ -357,6 +390,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> rsvd_impl(const at::Tensor
   const at::Tensor eye = at::eye(b, A.options());
   for (int64_t i = 0; i < plan.depth; ++i) {
     at::Tensor Y = at::matmul_out(Ybuf, A, P);  // pass over A
+    if (i == 0) check_finite(Y, "lowrank_ops::rsvd", "`A`");  // every entry of A reaches A·Ω
     const at::Tensor Qi =
         orthonormalize_against(Y, Qall.narrow(-1, 0, i * b), Qall.narrow(-1, i * b, b), eye, work);
     at::Tensor Wti = Wtall.narrow(-2, i * b, b);
@@ -394,6 +428,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> pivoted_qr_impl(const at::
   }
   const auto dt = compute_dtype(A_in.scalar_type());
   const auto opts = A_in.options().dtype(dt);
+  check_finite(A_in, op, "`A`");
   at::Tensor W = A_in.to(dt).contiguous().clone();
   at::Tensor perm = at::arange(n, A_in.options().dtype(at::kLong));
   at::Tensor V = at::zeros({m, k}, opts);

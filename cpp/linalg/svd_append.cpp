@@ -8,14 +8,19 @@
 // complement E = C − B·X (X = BᵀC) is never formed.  Everything it is needed
 // for is taken in the small space:
 //   X    = Bᵀ·C        sparse × dense, O(nnz·k)
-//   EᵀE  = CᵀC − XᵀX   sparse Gram, O(c·(nnz + L)), in fp64
+//   EᵀE  = CᵀC − 2·XᵀX + Xᵀ(BᵀB)X   sparse Gram, O(c·(nnz + L) + L·k²), in fp64
 //   EᵀE  = W·Λ·Wᵀ      (c×c eigen), so E = Q_E·(Σ·Wᵀ) with Q_E = E·W·Σ⁻¹ implicit
 // and the new left basis [B, Q_E]·U_K = B·(U_K,top − X·Z) + C·Z with
 // Z = W·Σ⁻¹·U_K,bot: one GEMM with B plus one sparse scatter, O(L·k·r + nnz·r).
+// The Gram formula keeps the Xᵀ(BᵀB)X term rather than assuming BᵀB = I: an fp32
+// basis is orthonormal only to ~ε₃₂, and CᵀC − XᵀX then leaves spurious
+// eigenvalues ~ε₃₂·‖C‖² (directions with σ ~ 3e-4·‖C‖ that are not in E, which
+// made Q_E far from orthonormal when C lay in span(B)); with BᵀB formed in fp64 the
+// Gram matrix is exact to ε₆₄·‖C‖² for either compute dtype.
 // Directions of E with σ ≤ 1e-7·‖C‖_F are dropped: the Gram cancellation
 // leaves them at rounding level (√ε₆₄·‖C‖), and keeping them would make Q_E
-// non-orthogonal.  So the sparse path is exact up to ~1e-7·‖C‖_F absolute in
-// fp64 (the dense path is backward-stable); in fp32 this is below rounding.
+// non-orthogonal.  So the sparse path is exact up to ~1e-7·‖C‖_F absolute
+// (the dense path is backward-stable), below fp32's own rounding of the factors.
 #include <torch/library.h>
 
 #include <ATen/Dispatch.h>
@@ -107,7 +112,11 @@ std::optional<SVD> append_sparse_columns(const at::Tensor& Bb, const at::Tensor&
   const scalar_t* v = val.const_data_ptr<scalar_t>();
   const at::Tensor Xt = csr_times_dense<scalar_t>(cr, cl, v, B.const_data_ptr<scalar_t>(), c, k);  // (c, k) = Xᵀ
   const at::Tensor G = csr_gram<scalar_t>(cr, cl, v, c, L);
-  const at::Tensor H = G - at::mm(Xt, Xt.t());
+  const at::Tensor B64 = B.to(at::kDouble);
+  const at::Tensor XtM = at::mm(Xt, at::mm(B64.t(), B64));  // Xᵀ·(BᵀB), (c, k)
+  // EᵀE = G − 2·XᵀX + Xᵀ(BᵀB)X = G + (XᵀBᵀB − 2·Xᵀ)·X
+  const at::Tensor H = at::addmm(G, XtM.sub(Xt, 2.0), Xt.t());
+  linalg_detail::check_finite(H, "svd_append_sparse", "the input");
   auto [lam, W] = at::linalg_eigh(H);
   const double tau = 1e-7 * std::sqrt(std::max(0.0, G.trace().item<double>()));
   const at::Tensor keep = (lam > tau * tau).nonzero().flatten();
@@ -119,7 +128,8 @@ std::optional<SVD> append_sparse_columns(const at::Tensor& Bb, const at::Tensor&
   const at::Tensor S64 = S.to(at::kDouble);
   at::Tensor top = at::cat({at::diag_embed(S64), Xt.t()}, 1);                                       // (k, k+c)
   at::Tensor bottom = at::cat({at::zeros({p, k}, G.options()), sig.unsqueeze(1) * Wp.t()}, 1);     // (p, k+c)
-  auto [Uk, Sk, Vkh] = svdupd::small_svd(at::cat({top, bottom}, 0), rank);
+  auto [Uk, Sk, Vkh] = svdupd::small_svd(at::cat({top, bottom}, 0), rank, "svd_append_sparse");
+  linalg_detail::check_finite(Oh, "svd_append_sparse", "the input");  // the one factor that does not reach the core
   const at::Tensor Z64 = at::mm(Wp / sig.unsqueeze(0), Uk.narrow(0, k, p));                        // (c, r)
   const at::Tensor Y1 = Uk.narrow(0, 0, k) - at::mm(Xt.t(), Z64);                                   // (k, r)
 

@@ -132,8 +132,10 @@ inline Complement orth_complement(const at::Tensor& B, const at::Tensor& P) {
   return {X, Q, R};
 }
 
-// Thin SVD of the small core, truncated to `rank`.
-inline SVD small_svd(const at::Tensor& K, int64_t rank) {
+// Thin SVD of the small core, truncated to `rank`.  Every entry of the inputs
+// reaches K, so a NaN or Inf anywhere raises here (linalg_common.h's policy).
+inline SVD small_svd(const at::Tensor& K, int64_t rank, const char* op) {
+  linalg_detail::check_finite(K, op, "the input");
   auto [Uk, Sk, Vkh] = at::linalg_svd(K, /*full_matrices=*/false);
   return {narrow_last(Uk, 0, rank), narrow_last(Sk, 0, rank), narrow_rows(Vkh, 0, rank)};
 }
@@ -190,7 +192,7 @@ inline SVD factored_svd_impl(const at::Tensor& B, const at::Tensor& A, const std
   auto [QB, RB] = at::linalg_qr(B.to(ct), "reduced");        // (m, p), (p, R)
   auto [QA, RA] = at::linalg_qr(A.to(ct).mT(), "reduced");   // (n, q), (q, R)
   if (weights.has_value()) RB = RB * weights->to(ct).unsqueeze(-2);
-  auto [Uk, Sk, Vkh] = small_svd(at::matmul(RB, RA.mT()), r);
+  auto [Uk, Sk, Vkh] = small_svd(at::matmul(RB, RA.mT()), r, op);
   return contiguous({at::matmul(QB, Uk), Sk, at::matmul(Vkh, QA.mT())});
 }
 
@@ -251,7 +253,7 @@ inline SVD svd_update_impl(const at::Tensor& U, const at::Tensor& S, const at::T
   auto cq = orth_complement(Vc, Q.to(ct));
   at::Tensor K = at::matmul(at::cat({cp.X, cp.R}, -2), at::cat({cq.X, cq.R}, -2).mT());
   K.narrow(-2, 0, k).narrow(-1, 0, k).add_(at::diag_embed(Sc));
-  auto [Uk, Sk, Vkh] = small_svd(K, rank);
+  auto [Uk, Sk, Vkh] = small_svd(K, rank, op);
   const int64_t pp = cp.Q.size(-1), pq = cq.Q.size(-1);
   at::Tensor Un = at::matmul(Uc, narrow_rows(Uk, 0, k)) + at::matmul(cp.Q, narrow_rows(Uk, k, pp));
   at::Tensor Vhn = at::matmul(narrow_last(Vkh, 0, k), Vc.mT()) + at::matmul(narrow_last(Vkh, k, pq), cq.Q.mT());
@@ -270,7 +272,7 @@ inline int64_t normalize_dim(int64_t dim, const char* op) {
 // [Bb, Q_C] · [[S, X], [0, R_C]] · blockdiag(Oh, I_c), with C = Bb·X + Q_C·R_C.
 // Bb (..., L, k) orthonormal columns, Oh (..., k, N) orthonormal rows, C (..., L, c).
 inline SVD append_columns(const at::Tensor& Bb, const at::Tensor& S, const at::Tensor& Oh, const at::Tensor& C,
-                          int64_t rank) {
+                          int64_t rank, const char* op) {
   const int64_t k = Bb.size(-1);
   auto cc = orth_complement(Bb, C);
   const int64_t p = cc.Q.size(-1);
@@ -278,7 +280,8 @@ inline SVD append_columns(const at::Tensor& Bb, const at::Tensor& S, const at::T
   zs.back() = k;
   at::Tensor top = at::cat({at::diag_embed(S), cc.X}, -1);
   at::Tensor bottom = at::cat({at::zeros(zs, cc.R.options()), cc.R}, -1);
-  auto [Uk, Sk, Vkh] = small_svd(at::cat({top, bottom}, -2), rank);
+  auto [Uk, Sk, Vkh] = small_svd(at::cat({top, bottom}, -2), rank, op);
+  linalg_detail::check_finite(Oh, op, "the input");  // the one factor that does not reach the core
   at::Tensor Un = at::matmul(Bb, narrow_rows(Uk, 0, k)) + at::matmul(cc.Q, narrow_rows(Uk, k, p));
   at::Tensor Vhn = at::cat({at::matmul(narrow_last(Vkh, 0, k), Oh), narrow_last(Vkh, k, C.size(-1))}, -1);
   return {Un, Sk, Vhn};
@@ -324,9 +327,9 @@ inline SVD svd_append_impl(const at::Tensor& U, const at::Tensor& S, const at::T
   const int64_t rows = s.m + (s.dim == 0 ? c : 0), cols = s.n + (s.dim == 1 ? c : 0);
   if (rank == 0 || c10::multiply_integers(batch) == 0) return empty_svd(batch, rows, cols, rank, U.options().dtype(ct));
   const at::Tensor Uc = U.to(ct), Sc = S.to(ct), Vhc = Vh.to(ct), Cc = C.to(ct);
-  if (s.dim == 1) return contiguous(append_columns(Uc, Sc, Vhc, Cc, rank));
+  if (s.dim == 1) return contiguous(append_columns(Uc, Sc, Vhc, Cc, rank, op));
   // New rows of M are new columns of Mᵀ = V·S·Uᵀ.
-  auto [U2, S2, Vh2] = append_columns(Vhc.mT(), Sc, Uc.mT(), Cc.mT(), rank);
+  auto [U2, S2, Vh2] = append_columns(Vhc.mT(), Sc, Uc.mT(), Cc.mT(), rank, op);
   return contiguous({Vh2.mT(), S2, U2.mT()});
 }
 

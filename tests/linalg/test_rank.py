@@ -28,8 +28,23 @@ def test_energy_boundary_and_order():
     assert select_rank(t(1, 3, 2), energy=0.6) == 1  # sorted first: 9/14 >= 0.6
     assert select_rank(torch.tensor([2.0, 0.0, 0.0]), energy=1.0) == 1
     assert select_rank(torch.zeros(4), energy=0.9) == 1
-    S = torch.rand(500, dtype=torch.float32).sort(descending=True).values
-    assert select_rank(S, energy=1.0) <= 500
+    S = torch.rand(500, dtype=torch.float32).sort(descending=True).values + 1e-3
+    assert select_rank(S, energy=1.0) == 500  # every positive value is needed for all of the energy
+    assert select_rank(torch.cat([S, torch.zeros(20)]), energy=1.0) == 500  # trailing zeros are not
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+def test_elbow_geometric_spectrum_in_low_precision(dtype):
+    """An exactly geometric spectrum has no elbow in any dtype: the rounding of S in float32 or
+    bfloat16 (log errors up to eps/2) is not taken for one (it gave k = 6 in float32 before).  The
+    spectra stop above S₀·eps, where values are floored by design (numerically zero in that dtype)."""
+    eps = torch.finfo(dtype).eps
+    for ratio in (0.9, 0.5, 10 ** -0.25):
+        n = min(20, int(math.log(10 * eps) / math.log(ratio)) + 1)
+        S = (ratio ** torch.arange(n, dtype=torch.float64)).to(dtype)
+        assert select_rank(S, elbow=True) == 1
+    noisy = torch.cat([torch.tensor([8.0, 6.0, 5.0, 4.0]), torch.full((12,), 0.01)]).to(dtype)
+    assert select_rank(noisy, elbow=True) == 4  # a real elbow is still found
 
 
 # --------------------------------------------------------------------------- select_rank, elbow

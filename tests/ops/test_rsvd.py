@@ -215,7 +215,32 @@ def test_ill_conditioned_and_zero(dtype):
     assert frob_err(A, U, S, Vh) <= 1.05 * optimal_err(A, 20) + 1e-6 * (dtype == torch.float32)
     Z = torch.zeros(50, 40, dtype=dtype)
     U, S, Vh = ops.rsvd(Z, 3)
-    assert bool(torch.isfinite(U).all() and torch.isfinite(Vh).all()) and bool((S == 0).all())
+    check_factors(U, S, Vh, 50, 40, 3, dtype, 1e-6)
+    assert bool((S == 0).all())
+
+
+def _single_entry(m, n, dtype):
+    A = torch.zeros(m, n, dtype=dtype)
+    A[3, 5] = 2.0
+    return A
+
+
+@pytest.mark.parametrize("dtype", PRECISE)
+@pytest.mark.parametrize("make", [
+    lambda dtype: torch.zeros(300, 260, dtype=dtype),
+    lambda dtype: torch.ones(300, 260, dtype=dtype),
+    lambda dtype: _single_entry(300, 260, dtype),
+    lambda dtype: torch.block_diag(torch.diag(torch.tensor([3.0, 2.0, 1.0])), torch.zeros(297, 257)).to(dtype),
+], ids=["zeros", "ones", "single-entry", "3x3-block"])
+def test_krylov_route_degenerate_input_gives_orthonormal_factors(dtype, make):
+    """Zero and exactly-low-rank inputs on the Krylov route (300 × 260, rank 8: 3 blocks of 16 < 130):
+    the deflated blocks are completed orthonormally against the earlier ones (a Householder QR of the
+    block alone gave columns inside their span, zeroed by the projection: U with zero columns)."""
+    A = make(dtype)
+    U, S, Vh = ops.rsvd(A, 8)
+    check_factors(U, S, Vh, 300, 260, 8, dtype, 1e-9 if dtype == torch.float64 else 1e-5)
+    rel = frob_err(A, U, S, Vh) / torch.linalg.norm(A.double()).clamp_min(1e-300)
+    assert rel < (1e-12 if dtype == torch.float64 else 1e-5)
 
 
 @pytest.mark.parametrize("m,n,rank", [(37, 23, 23), (23, 37, 23), (1, 5, 1), (6, 1, 1), (64, 64, 40),
@@ -301,6 +326,17 @@ def test_gram_route_exactly_low_rank(dtype):
     check_factors(U, S, Vh, 60, 900, 10, dtype, 1e-9 if dtype == torch.float64 else 1e-4)
     rel = frob_err(A, U, S, Vh) / torch.linalg.norm(A.double())
     assert rel < (1e-12 if dtype == torch.float64 else 1e-6)
+
+
+@pytest.mark.parametrize("m,n,rank", [(200, 1000, 40), (1000, 200, 40), (256, 256, 48)])
+def test_gram_route_fp32_steep_spectrum(m, n, rank):
+    """σᵢ = i⁻³ in fp32: σ_rank² lies far below what an fp32 Gram matrix A·Aᵀ resolves, so the Gram
+    route forms it in fp64 (with the fp32 one the error was 1.27–1.47× optimal)."""
+    A = spectrum_matrix(m, n, power_law(min(m, n), 3.0), dtype=torch.float32, seed=1)
+    assert_seed_free(A, rank)
+    U, S, Vh = ops.rsvd(A, rank)
+    check_factors(U, S, Vh, m, n, rank, torch.float32, 1e-4)
+    assert frob_err(A, U, S, Vh) <= 1.05 * optimal_err(A, rank)
 
 
 def test_gram_route_batched_matches_members():

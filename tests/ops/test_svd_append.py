@@ -267,3 +267,41 @@ def test_streamed_rows_of_exactly_low_rank_data_wider_than_the_complement():
         S_all = torch.linalg.svdvals(torch.cat(blocks))[:k]
         torch.testing.assert_close(S.double(), S_all, rtol=1e-4 if dt == torch.float32 else 1e-10,
                                    atol=1e-3 if dt == torch.float32 else 1e-9)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_sparse_fp32_inside_span_between_k_and_k_plus_c(seed):
+    """fp32 columns inside span(U), asked for rank k + 3 < k + c: an fp32 basis is orthonormal
+    only to rounding, and a Gram form assuming UᵀU = I kept spurious residual directions
+    (σ ~ 3e-4·‖C‖; U far from orthonormal).  Now as exact as the dense path."""
+    m, n, k, c = 200, 150, 10, 6
+    U, S, Vh = rand_svd((), m, n, k, torch.float32)
+    g = torch.Generator().manual_seed(100 + seed)
+    C = (U.double() @ torch.randn(k, c, dtype=torch.float64, generator=g)).float()
+    M = appended64(U, S, Vh, C, 1)
+    got = svd_append(U, S, Vh, C.to_sparse(), k + 3, 1)
+    check_svd(got, M, k + 3, torch.float32)
+    torch.testing.assert_close(got[1][:k], svd_append(U, S, Vh, C, k + 3, 1)[1][:k], rtol=1e-5, atol=1e-5)
+
+
+def test_sparse_fp32_near_span_keeps_orthonormal_basis():
+    """Columns mostly in span(U) plus sparse off-span noise (streamed activations): U stays
+    orthonormal to fp32 rounding, like the dense path."""
+    m, n, k, c = 300, 200, 16, 8
+    U, S, Vh = rand_svd((), m, n, k, torch.float32)
+    g = torch.Generator().manual_seed(5)
+    Cd = U.double() @ torch.randn(k, c, dtype=torch.float64, generator=g)
+    Cd += 1e-3 * torch.randn(m, c, dtype=torch.float64, generator=g) * (torch.rand(m, c, generator=g) < 0.3)
+    C = Cd.float()
+    check_svd(svd_append(U, S, Vh, C.to_sparse(), k + c, 1), appended64(U, S, Vh, C, 1), k + c, torch.float32)
+
+
+@pytest.mark.parametrize("dim,shape", [(1, (7, 2)), (1, (20, 2)), (0, (2, 7)), (0, (2, 20))])
+def test_sparse_wrong_length_raises(dim, shape):
+    """The sparse op takes only CSR components, so the wrapper checks C's length against U / Vh."""
+    U, S, Vh = rand_svd((), 12, 10, 3)
+    C = torch.zeros(shape, dtype=torch.float64)
+    C[0, 0] = 1.0
+    what = r"\(m, c\) with m = 12" if dim == 1 else r"\(c, n\) with n = 10"
+    with pytest.raises(ValueError, match=rf"svd_append: with dim={dim} a sparse `C` must have shape {what}"):
+        svd_append(U, S, Vh, C.to_sparse(), 3, dim)

@@ -71,8 +71,9 @@ def select_rank(S: Tensor, energy: Optional[float] = None, elbow: bool = False) 
     i = torch.arange(n, dtype=torch.float64)
     chord = y[0] + (y[-1] - y[0]) * i / (n - 1)
     below = chord - y
-    # Relative tolerance: a straight log line must not find an elbow in its rounding errors.
-    tol = 1e-12 * max(float((y[0] - y[-1]).abs()), 1.0)
+    # A straight log line must not find an elbow in its rounding errors: S_i rounded in
+    # S's dtype moves log S_i by up to eps/2, so deviations within a few eps are noise.
+    tol = max(1e-12 * max(float((y[0] - y[-1]).abs()), 1.0), 4.0 * torch.finfo(S.dtype).eps)
     k = int(torch.argmax(below))
     if below[k] > tol:
         return max(k, 1)

@@ -11,10 +11,10 @@ Conventions (the ``lowrank_ops.linalg`` contract): ``U (..., m, r)``,
 fp64 out, any other floating dtype → fp32 compute and output.  Singular vectors
 are unique only up to sign (and rotation within repeated singular values).
 
-Not differentiable: no autograd formula is registered (backpropagating through
+Not differentiable: a backward through them raises (backpropagating through
 an SVD update is ill-conditioned at repeated singular values and no method in
 this library needs it); call them under ``torch.no_grad()`` or on detached
-tensors.
+tensors.  Non-finite input raises an error that names the op.
 """
 from __future__ import annotations
 
@@ -22,6 +22,8 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+
+from .linalg import _not_differentiable, _setup_nothing
 
 _lib = torch.ops.lowrank_ops
 
@@ -82,7 +84,8 @@ def svd_append(U: Tensor, S: Tensor, Vh: Tensor, C: Tensor, rank: int, dim: int 
     A sparse ``C`` (COO, CSR or CSC; 2-D, unbatched) takes the sparse path of
     "Fast Updating Truncated SVD for Representation Learning with Sparse
     Matrices" (Deng et al., ICLR 2024): the complement ``C − U·UᵀC`` is never
-    formed; its Gram matrix ``CᵀC − XᵀX`` (fp64) is diagonalised in the ``c×c``
+    formed; its Gram matrix ``CᵀC − 2·XᵀX + Xᵀ(UᵀU)X`` (fp64, exact for a basis
+that is orthonormal only to rounding) is diagonalised in the ``c×c``
     space, and the new basis is ``U·Y₁ + C·Z`` — one GEMM plus one sparse
     product, ``O(nnz·(k + r + c) + (m+n)·k·r)``.  The custom op takes the
     appended vectors as the CSR components ``(crow, col, val)`` of a ``(c, L)``
@@ -102,6 +105,12 @@ def svd_append(U: Tensor, S: Tensor, Vh: Tensor, C: Tensor, rank: int, dim: int 
     """
     if C.layout == torch.strided:
         return _lib.svd_append(U, S, Vh, C, int(rank), int(dim))
+    if C.dim() == 2 and dim in (0, 1, -1, -2):
+        axis, length, what = (0, U.shape[-2], "(m, c) with m = {} (rows of `U`)") if dim in (1, -1) else \
+            (1, Vh.shape[-1], "(c, n) with n = {} (columns of `Vh`)")
+        if C.shape[axis] != length:
+            raise ValueError(f"svd_append: with dim={dim} a sparse `C` must have shape {what.format(length)}, "
+                             f"got {tuple(C.shape)}")
     crow, col, val = sparse_rows(C, dim)
     return _lib.svd_append_sparse(U, S, Vh, crow, col, val, int(rank), int(dim))
 
@@ -201,3 +210,9 @@ def _svd_append_sparse_fake(U, S, Vh, crow, col, val, rank, dim=1):
 
 
 __all__ = ["factored_svd", "svd_update", "svd_append", "sparse_rows"]
+
+
+# --------------------------------------------------------------------------- autograd
+
+for _name in ("factored_svd", "svd_update", "svd_append", "svd_append_sparse"):
+    torch.library.register_autograd(f"lowrank_ops::{_name}", _not_differentiable(_name), setup_context=_setup_nothing)
