@@ -161,6 +161,33 @@ def test_combine_bad_arguments(tmp_path):
         torch.testing.assert_close(L.lora_A.weight, state[f"base_model.model.{n}.lora_A.weight"])
 
 
+@pytest.mark.parametrize("cfg", [adapters.PiSSA(r=4, alpha=8), adapters.PiSSA(r=4, alpha=8, n_iter=2),
+                                 adapters.MiLoRA(r=4, alpha=8), adapters.OLoRA(r=4, alpha=8)],
+                         ids=["pissa", "pissa_niter", "milora", "olora"])
+def test_combine_refuses_adapters_that_changed_the_base(tmp_path, cfg):
+    """Their factors apply to a residual base: they must be converted to plain LoRA first."""
+    m = adapters.inject(make(), cfg, target=TARGETS)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():  # "trained": the converted adapter is not zero
+        for p in adapters.trainable_parameters(m):
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+    adapters.save_pretrained(m, tmp_path / "raw")
+    sd = adapters.adapter_state_dict(m)
+    peft_dict = json.loads((tmp_path / "raw" / "adapter_config.json").read_text())
+    plain = _random_lora(1, 4, 8.0)
+    for item in (tmp_path / "raw", (sd, cfg), (sd, peft_dict)):
+        with pytest.raises(ValueError, match=r"convert_to_lora=True"):
+            adapters.combine([plain, item], [1.0, 1.0], method="cat")
+    # converted, it combines, and the combination on the original base is the adapted model
+    adapters.save_pretrained(m, tmp_path / "lora", convert_to_lora=True)
+    adapters.combine([tmp_path / "lora"], [1.0], out_dir=tmp_path / "out")
+    back = adapters.load_pretrained(make(), tmp_path / "out")
+    ids = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert not torch.allclose(m(ids), make()(ids), atol=1e-2)
+        torch.testing.assert_close(back(ids), m(ids), rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.peft
 @pytest.mark.parametrize("method", ["cat", "svd", "linear"])
 def test_combine_matches_peft_add_weighted_adapter(tmp_path, method):

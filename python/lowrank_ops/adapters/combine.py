@@ -48,10 +48,24 @@ def _load(item: AdapterLike) -> tuple[dict[str, Tensor], LoRA]:
     return dict(sd), _config(cfg)
 
 
+def _changes_base(init) -> bool:
+    """Whether a LoRA init rewrites the base weight (peft's ``init_lora_weights`` values):
+    such factors are relative to a residual, not to the base the others were trained on."""
+    return isinstance(init, str) and (init.startswith("pissa") or init in ("milora", "olora", "corda"))
+
+
 def _config(cfg) -> LoRA:
     if isinstance(cfg, dict):
         if cfg.get("peft_type", "LORA") != "LORA":
             raise ValueError(f"combine: only LoRA adapters can be combined, got peft_type {cfg.get('peft_type')!r}")
+        init = cfg.get("init_lora_weights", True)
+    else:
+        init = getattr(cfg, "init", None)
+    if _changes_base(init):
+        raise ValueError(f"combine: an adapter has init_lora_weights={init!r}, whose init changed the base weight; "
+                         "its factors apply to the residual, not to the original base.  Save it with "
+                         "adapters.save_pretrained(model, path, convert_to_lora=True) and combine that")
+    if isinstance(cfg, dict):
         cfg = LoRA.from_peft_dict(cfg)
     if not isinstance(cfg, LoRA) or (isinstance(cfg, AdapterConfig) and cfg.layer_cls is not LoRA.layer_cls):
         raise ValueError(f"combine: only plain LoRA-family adapters can be combined, got {type(cfg).__name__}")
@@ -72,7 +86,8 @@ def combine(
         adapters_list: each a peft-layout directory, or ``(state_dict, config)`` with the
             state under peft key names and the config an ``adapters.LoRA`` (or a peft
             ``adapter_config.json`` dict).  Adapters whose init changed the base weight
-            (PiSSA, OLoRA) must be converted first (``save_pretrained(convert_to_lora=True)``).
+            (PiSSA, MiLoRA, OLoRA) are refused: convert them first
+            (``save_pretrained(..., convert_to_lora=True)``).
         weights: one float per adapter (negative subtracts).
         method: ``"svd"`` | ``"cat"`` | ``"linear"`` (see the module docstring).
         rank: ``"svd"`` only: the output rank (default: the largest input rank).

@@ -1,7 +1,7 @@
 """The base of every adapter config: one dataclass per method, each naming its paper."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import ClassVar
 
 from torch import nn
@@ -26,6 +26,14 @@ class AdapterConfig:
 
     peft_type: ClassVar[str] = ""
     paper: ClassVar[str] = ""
+    #: fields that only set starting values or hold training extras (regulariser
+    #: weights): loading a file overwrites or ignores them, so they may differ
+    #: between a file and the model it loads into.  Every other field shapes the forward.
+    init_only_fields: ClassVar[frozenset] = frozenset()
+    #: True for methods whose layers never write the wrapped nn.Linear's weight or bias
+    #: (inject then keeps no copy of them for its rollback); False where an init replaces
+    #: the base by a residual, or may.
+    keeps_base: ClassVar[bool] = False
 
     def create_layer(self, base_layer: nn.Linear, context: dict) -> nn.Module:
         """Wrap one targeted ``nn.Linear``.  ``context`` is shared across the
@@ -46,3 +54,11 @@ class AdapterConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def differences(self, other: "AdapterConfig") -> dict[str, tuple]:
+        """``{field: (self's value, other's)}`` for every field that changes the adapted
+        forward (all but :attr:`init_only_fields`); ``{"type": ...}`` when the methods differ."""
+        if type(self) is not type(other):
+            return {"type": (type(self).__name__, type(other).__name__)}
+        return {f.name: (getattr(self, f.name), getattr(other, f.name)) for f in fields(self)
+                if f.name not in self.init_only_fields and getattr(self, f.name) != getattr(other, f.name)}

@@ -9,13 +9,10 @@ mergekit's ``extract-lora`` and kohya's ``extract_lora_from_models`` do with den
 """
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
 from typing import Mapping, Optional
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor
 
 from .. import linalg
@@ -122,11 +119,6 @@ def extract_lora(
 
 
 def _save(state: dict[str, Tensor], config: LoRA, modules: list[str], out_dir) -> None:
-    from .io import CONFIG_NAME, WEIGHTS_NAME, _atomic_write
+    from .io import write_adapter_files
 
-    path = Path(out_dir)
-    path.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-    peft_config = config.to_peft_dict(modules)
-    _atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    _atomic_write(path / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(peft_config, indent=2, sort_keys=True)))
+    write_adapter_files(out_dir, state, config.to_peft_dict(modules))

@@ -49,6 +49,21 @@ class AdapterLinear(nn.Module):
         if base_layer.bias is not None:
             base_layer.bias.requires_grad_(False)
 
+    # Models read ``module.weight`` / ``.bias`` of their linears directly (HF T5 checks
+    # ``self.wo.weight.dtype``), as peft's tuner layers allow.  Read-only properties, not
+    # registered tensors: the base layer's own entries are the only ones in state_dict()
+    # and parameters(), so keys stay ``<path>.base_layer.weight`` and nothing is counted
+    # twice.  Without merge() they are the *base* weight, not the adapted one.
+    @property
+    def weight(self) -> Tensor:
+        """The base layer's weight (the adapted weight only after :meth:`merge`)."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        """The base layer's bias."""
+        return self.base_layer.bias
+
     # -- contract -------------------------------------------------------------
     def delta_weight(self) -> Tensor:
         """Dense ``ΔW`` (out, in) such that the adapted weight is ``W + ΔW``."""

@@ -33,6 +33,7 @@ class KaSA(SpectralConfigMixin, AdapterConfig):
 
     peft_type: ClassVar[str] = "KASA"
     paper: ClassVar[str] = "https://arxiv.org/abs/2412.06071"
+    init_only_fields: ClassVar[frozenset] = frozenset({"beta", "gamma"})
 
     def create_layer(self, base_layer: nn.Linear, context: dict) -> nn.Module:
         return KaSALinear(base_layer, self.r, self.alpha, self.seed)

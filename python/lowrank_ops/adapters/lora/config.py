@@ -37,6 +37,8 @@ class LoRA(AdapterConfig):
     peft_type: ClassVar[str] = "LORA"
     paper: ClassVar[str] = "https://arxiv.org/abs/2106.09685"
     layer_cls: ClassVar[type] = LoRALinear
+    init_only_fields: ClassVar[frozenset] = frozenset({"init"})
+    keeps_base: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.r, int) or self.r < 1:

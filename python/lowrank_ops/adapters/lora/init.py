@@ -178,6 +178,7 @@ class PiSSA(LoRA):
     seed: int = 0
 
     paper: ClassVar[str] = "https://arxiv.org/abs/2404.02948"
+    keeps_base: ClassVar[bool] = False  # the base becomes the residual
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -201,6 +202,7 @@ class MiLoRA(LoRA):
 
     init: str = "milora"
     paper: ClassVar[str] = "https://arxiv.org/abs/2406.09044"
+    keeps_base: ClassVar[bool] = False  # the base becomes the residual
 
     def create_layer(self, base_layer: nn.Linear, context: dict) -> nn.Module:
         layer = _plain_layer(self, base_layer, context)
@@ -218,6 +220,7 @@ class OLoRA(LoRA):
 
     init: str = "olora"
     paper: ClassVar[str] = "https://arxiv.org/abs/2406.01775"
+    keeps_base: ClassVar[bool] = False  # the base becomes the residual
 
     def create_layer(self, base_layer: nn.Linear, context: dict) -> nn.Module:
         layer = _plain_layer(self, base_layer, context)
@@ -249,6 +252,7 @@ class EVA(LoRA):
     adjust_scaling_factors: bool = True
 
     paper: ClassVar[str] = "https://arxiv.org/abs/2410.07170"
+    init_only_fields: ClassVar[frozenset] = frozenset({"init", "rho", "tau", "whiten", "adjust_scaling_factors"})
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -29,6 +29,7 @@ class SORSA(SpectralConfigMixin, AdapterConfig):
 
     peft_type: ClassVar[str] = "SORSA"
     paper: ClassVar[str] = "https://arxiv.org/abs/2409.00055"
+    init_only_fields: ClassVar[frozenset] = frozenset({"gamma"})
 
     def create_layer(self, base_layer: nn.Linear, context: dict) -> nn.Module:
         return SORSALinear(base_layer, self.r)

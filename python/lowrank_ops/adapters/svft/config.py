@@ -35,6 +35,7 @@ class SVFT(SpectralConfigMixin, AdapterConfig):
 
     peft_type: ClassVar[str] = "SVFT"
     paper: ClassVar[str] = "https://arxiv.org/abs/2405.19597"
+    init_only_fields: ClassVar[frozenset] = frozenset({"init"})
 
     def __post_init__(self) -> None:
         if self.pattern not in PATTERNS:

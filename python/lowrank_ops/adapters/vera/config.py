@@ -32,6 +32,8 @@ class VeRA(AdapterConfig):
 
     peft_type: ClassVar[str] = "VERA"
     paper: ClassVar[str] = "https://arxiv.org/abs/2310.11454"
+    init_only_fields: ClassVar[frozenset] = frozenset({"d_initial", "save_projection"})
+    keeps_base: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.r, int) or self.r < 1:
