@@ -35,6 +35,10 @@ class LoRALinear(AdapterLinear):
         init: ``"default"`` (A Kaiming-uniform, B zero: identity at init, as peft),
             ``"gaussian"`` (A ~ N(0, 1/r²), B zero) or ``"random"`` (both random;
             for tests, like peft's ``init_lora_weights=False``).
+
+    Under ``torch.autocast`` the layer behaves like ``nn.Linear``: the fused op
+    runs on the input and parameters cast to the autocast dtype, the output is in
+    that dtype, and fp32 parameters get fp32 gradients (``lowrank_ops.ops``).
     """
 
     def __init__(
@@ -103,13 +107,25 @@ class DoRALinear(LoRALinear):
     ``lora_magnitude_vector`` (out,) starts at the row norms of ``W₀`` so the
     layer is the identity at init.  The norm is detached (paper §4.3, peft's
     default).  Forward is one ``dora_linear`` call, which reads ``W₀`` once for
-    both the output and the norm; in eager inference (``eval()`` + no grad)
-    ``m/n`` is cached until a parameter changes, so a decode step costs one
-    ``lowrank_linear`` call.  ``‖W₀‖²`` per row is cached (``W₀`` is frozen); the cache is
-    refreshed whenever the base weight's version counter changes (eager mode)
-    and by ``merge``/``unmerge``; call
-    :meth:`refresh_weight_norm` after editing the base weight in place inside
-    compiled code.
+    both the output and the norm.
+
+    Caches.  ``‖W₀‖²`` per row is cached (``W₀`` is frozen), and in eager
+    inference (``eval()`` + no grad) so is ``m/n``, so a decode step costs one
+    ``lowrank_linear`` call.  Both are keyed on the version counter and storage
+    of the tensors they depend on, which every ordinary update changes
+    (optimizer steps, in-place ops on the parameters, ``load_state_dict``,
+    replacing a parameter), and both are refreshed on every ``train()`` /
+    ``eval()`` switch, after ``load_state_dict`` and by ``merge``/``unmerge``.
+    An in-place edit through ``.data`` (``p.data.mul_(…)``) bumps no version
+    counter, and neither does an in-place edit inside compiled code: after
+    such an edit made without a mode switch, call :meth:`refresh_weight_norm`,
+    which refreshes both caches.  (Forward never re-reads ``W₀`` just to check:
+    that would cost a pass over the weight per step.)
+
+    Under ``torch.autocast`` the layer computes like ``nn.Linear``: the input and
+    parameters enter the fused ops in the autocast dtype (the norm keeps fp32
+    accumulation and the fp32 ``‖W₀‖²`` cache), the output is in the autocast
+    dtype and fp32 parameters receive fp32 gradients; see ``lowrank_ops.ops``.
     """
 
     def __init__(self, base_layer: nn.Linear, r: int = 8, alpha: float = 8.0, dropout: float = 0.0,
@@ -117,17 +133,39 @@ class DoRALinear(LoRALinear):
         super().__init__(base_layer, r, alpha, dropout, use_rslora, init)
         w = base_layer.weight
         self.register_buffer("weight_norm_sq", torch.empty(self.out_features, dtype=torch.promote_types(w.dtype, torch.float32), device=w.device), persistent=False)
-        self._wn_version = -1
+        self._wn_key = None
         self.refresh_weight_norm()
         with torch.no_grad():
             m = ops.dora_norm(w, self.lora_A.weight, self.lora_B.weight, self.scaling, self.weight_norm_sq.to(w.dtype))
         self.lora_magnitude_vector = nn.Parameter(m.to(w.dtype))
+        self.register_load_state_dict_post_hook(_dora_after_load)
 
     @torch.no_grad()
     def refresh_weight_norm(self) -> None:
+        """Recompute the cached ``‖W₀‖²`` rows (one pass over ``W₀``) and drop the cached eval ``m/n``.
+
+        Needed only after an in-place edit that bypasses version counters (through
+        ``.data``, or inside compiled code) made without a ``train()``/``eval()``
+        switch; every other change is picked up automatically.
+        """
         w = self.base_layer.weight
         self.weight_norm_sq.copy_(torch.linalg.vector_norm(w, dim=1, dtype=self.weight_norm_sq.dtype).square())
-        self._wn_version = w._version
+        self._wn_key = _tensor_key(w)
+        self.__dict__.pop("_eval_factor", None)
+
+    def train(self, mode: bool = True) -> "DoRALinear":
+        # A mode switch is the natural point after edits made through ``.data``
+        # (init code, surgery between training and evaluation): both caches are
+        # rebuilt there.  ``‖W₀‖²`` costs a pass over W, so it is recomputed only
+        # when the mode actually changes (training loops often call train() every
+        # step); dropping the eval factor is free and happens on every call.
+        switching = bool(mode) != self.training
+        super().train(mode)
+        if switching:
+            self.refresh_weight_norm()
+        else:
+            self.__dict__.pop("_eval_factor", None)
+        return self
 
     def _norm(self) -> Tensor:
         with torch.no_grad():  # detached, DoRA §4.3
@@ -152,8 +190,10 @@ class DoRALinear(LoRALinear):
 
     def _wn2(self) -> Tensor:
         base = self.base_layer.weight
-        if not torch.compiler.is_compiling() and base._version != self._wn_version:
-            self.refresh_weight_norm()
+        if not torch.compiler.is_compiling():
+            key = _tensor_key(base)
+            if key is None or key != self._wn_key:
+                self.refresh_weight_norm()
         return self.weight_norm_sq.to(base.dtype)
 
     def _adapter_forward(self, x: Tensor) -> Tensor:
@@ -162,10 +202,12 @@ class DoRALinear(LoRALinear):
         if not self.training and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
             # Eager inference: m/n is constant until a parameter changes, so it is
             # cached (keyed on version counters and storage) and each call reads W once.
-            key = tuple((t._version, t.data_ptr()) for t in (base.weight, a, b, m))
+            key = tuple(_tensor_key(t) for t in (base.weight, a, b, m))
             cached = self.__dict__.get("_eval_factor")
-            if cached is None or cached[0] != key:
-                cached = (key, m / self._norm())
+            if cached is None or cached[0] != key or None in key:
+                # m.dtype: under autocast the fp32-policy norm would otherwise give
+                # an fp32 factor that a later call without autocast could not use.
+                cached = (key, (m / self._norm()).to(m.dtype))
                 self.__dict__["_eval_factor"] = cached
             return ops.lowrank_linear(x, base.weight, base.bias, a, b, None, self.scaling, cached[1])
         if isinstance(self.lora_dropout, nn.Identity) or not self.training:
@@ -175,5 +217,23 @@ class DoRALinear(LoRALinear):
         # Dropout changes the adapter's input only: z = W·x + s·B·A·dropout(x).
         factor = m / self._norm()
         z = F.linear(x, base.weight) + ops.lowrank_linear(self.lora_dropout(x), None, None, a, b, None, self.scaling)
-        y = z * factor
-        return y if base.bias is None else y + base.bias
+        # z is in the autocast dtype under autocast (else the parameters'); keep
+        # the output there, as nn.Linear does, instead of promoting to fp32.
+        y = z * factor.to(z.dtype)
+        return y if base.bias is None else y + base.bias.to(y.dtype)
+
+
+def _tensor_key(t: Tensor):
+    """``(version, data pointer)`` of ``t``: changes with every in-place update
+    seen by autograd and with every new storage; None when ``t`` has no storage
+    (functorch wrappers, fake tensors), where a cache cannot be trusted."""
+    try:
+        return t._version, t.data_ptr()
+    except RuntimeError:
+        return None
+
+
+def _dora_after_load(module: "DoRALinear", incompatible_keys) -> None:
+    # load_state_dict(assign=True) installs new tensors whose (fresh) version
+    # counters can collide with the cached key; refresh unconditionally.
+    module.refresh_weight_norm()

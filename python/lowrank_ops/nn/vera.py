@@ -42,6 +42,10 @@ class VeRALinear(AdapterLinear):
     ``in``/``out``); they are non-persistent buffers here and saved once per
     model by ``adapters.save_pretrained``.  ``vera_lambda_b`` starts at zero
     (identity at init) and ``vera_lambda_d`` at ``d_initial``.
+
+    Under ``torch.autocast`` the layer behaves like ``nn.Linear``: the fused op
+    runs on the input and (λ-scaled) factors cast to the autocast dtype, the
+    output is in that dtype, and the fp32 λ vectors get fp32 gradients.
     """
 
     def __init__(self, base_layer: nn.Linear, vera_A: Tensor, vera_B: Tensor, d_initial: float = 0.1,

@@ -3,6 +3,13 @@
 Python halves of the ops declared in ``cpp/registration.cpp``: typed wrappers,
 fake kernels (shape/dtype propagation for ``torch.compile`` / ``torch.export``)
 and autograd formulas.  The numerics all live in the compiled kernels.
+
+Under ``torch.autocast`` (cpu, cuda) the linear ops (``lowrank_linear``,
+``lowrank_linear_with_h``, ``dora_linear``) behave like ``F.linear``: floating
+arguments are cast to the region's autocast dtype (``dora_linear``'s
+``weight_norm_sq`` excepted: it is read in fp32 accumulation as given), and
+``dora_norm`` runs in fp32 like autocast's norms.  See the autocast section at
+the end of this file.
 """
 from __future__ import annotations
 
@@ -70,7 +77,9 @@ def lowrank_linear(
         out_scale: ``(out,)`` per-output scaling of base + low-rank (DoRA's ``m / ‖W + s·up·down‖``).
 
     Returns:
-        ``(..., out)`` tensor in ``x``'s dtype.  All tensors must share dtype and device.
+        ``(..., out)`` tensor in ``x``'s dtype.  All tensors must share dtype and device;
+        under ``torch.autocast`` they are first cast to the autocast dtype, as
+        ``F.linear``'s are (float64 excepted).
     """
     return _call(_lib.lowrank_linear.default, x, weight, bias, down, up, core, float(scale), out_scale,
                  op_with_grad=_lowrank_linear_y_saving_h)
@@ -106,7 +115,8 @@ def dora_norm(
     (DoRA, Liu et al. 2024, Eq. 5 denominator) so the ``(out, in)`` adapted
     weight is never formed.  ``weight_norm_sq`` optionally supplies a cached
     ``rowsum(W⊙W)`` for a frozen ``W``.  Differentiable in ``weight``, ``down``, ``up``;
-    at a zero row norm the zero subgradient is used.
+    at a zero row norm the zero subgradient is used.  Under ``torch.autocast`` it
+    runs in float32 (bf16/fp16 arguments upcast, float32 result), like autocast's norms.
     """
     return _call(_lib.dora_norm.default, weight, down, up, float(scale), weight_norm_sq)
 
@@ -141,6 +151,11 @@ def dora_linear(
         norm is a constant (paper §4.3, peft's behaviour); ``pre_scale``, ``norm``
         and ``h`` are non-differentiable outputs (``dora_norm`` gives a
         differentiable norm).
+
+    Under ``torch.autocast`` every floating argument but ``weight_norm_sq`` is cast to
+    the autocast dtype (as ``F.linear``); ``weight_norm_sq`` is passed as given, the
+    kernel reading it in its fp32 accumulation dtype, so a cached fp32 ``‖W‖²`` keeps
+    its precision.
     """
     return _call(_lib.dora_linear.default, x, weight, bias, down, up, magnitude, float(scale), weight_norm_sq)
 
@@ -371,3 +386,65 @@ def _dora_norm_backward(ctx, grad):
 
 
 torch.library.register_autograd("lowrank_ops::dora_norm", _dora_norm_backward, setup_context=_dora_norm_setup)
+
+
+# --------------------------------------------------------------------------- autocast
+# Under torch.autocast the ops follow autocast's own op lists (see docs/ops.md):
+#
+# * lowrank_linear, lowrank_linear_with_h, dora_linear are linear maps and act
+#   like F.linear (autocast's "lower precision" list): every floating tensor
+#   argument on the autocast device (float64 excepted, as autocast does) is
+#   cast to the *current* autocast dtype of that device, and the op runs with
+#   autocast off.  dora_linear's optional `weight_norm_sq` is the exception: it
+#   is a row-norm accumulator, which the kernel reads in its accumulation dtype
+#   (fp32 for bf16/fp16 inputs) whatever its own dtype, so it is passed through
+#   uncast and the norm keeps its precision.
+# * dora_norm is a norm and runs like autocast's fp32 list (norm,
+#   linalg_vector_norm): bf16/fp16 arguments are cast to float32, the result is
+#   float32.
+#
+# The casts sit above autograd (as autocast's own casts do), so a backward
+# through them delivers gradients to fp32 parameters in fp32.
+# torch.library.register_autocast is not used because it fixes one cast dtype
+# at registration time; autocast's dtype is chosen per region
+# (torch.autocast(..., dtype=...)), which F.linear follows.  The registration
+# below is the same mechanism (an Autocast<Device> kernel plus its Python-
+# dispatcher twin for tracing) with the dtype read when the op runs.
+# The backward ops are not registered: their inputs are the saved, already
+# cast tensors and the autograd engine hands them gradients in those dtypes.
+
+_AUTOCAST_DEVICES = ("cpu", "cuda")
+
+
+def _autocast_cast(value, device_type: str, dtype: torch.dtype):
+    if isinstance(value, Tensor) and value.is_floating_point() and value.device.type == device_type \
+            and value.dtype is not torch.float64:
+        return value.to(dtype)
+    return value
+
+
+def _register_autocast(name: str, device_type: str, fp32: bool, keep: tuple = ()) -> None:
+    op = getattr(_lib, name).default
+    key_name = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+    key = getattr(torch._C.DispatchKey, key_name)
+    keyset = torch._C.DispatchKeySet(key)
+
+    def run(*args):
+        dtype = torch.float32 if fp32 else torch.get_autocast_dtype(device_type)
+        cast = tuple(a if i in keep else _autocast_cast(a, device_type, dtype) for i, a in enumerate(args))
+        with torch._C._ExcludeDispatchKeyGuard(keyset):
+            return op(*cast)
+
+    op.py_kernels.pop(key, None)  # the Python-dispatcher twin, used when tracing
+    op.py_impl(key)(run)
+    _autocast_lib.impl(name, lambda _keyset, *args: run(*args), key_name, with_keyset=True)
+
+
+_autocast_lib = torch.library.Library("lowrank_ops", "IMPL")
+for _device in _AUTOCAST_DEVICES:
+    if not torch._C._is_autocast_available(_device):
+        continue
+    _register_autocast("lowrank_linear", _device, fp32=False)
+    _register_autocast("lowrank_linear_with_h", _device, fp32=False)
+    _register_autocast("dora_linear", _device, fp32=False, keep=(7,))  # 7: weight_norm_sq
+    _register_autocast("dora_norm", _device, fp32=True)
