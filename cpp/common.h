@@ -13,13 +13,17 @@
 namespace lowrank_ops {
 
 // "(d0, d1, ...)" for error messages that name an argument's actual shape.
-inline std::string shape_str(const at::Tensor& t) {
+inline std::string shape_str(at::IntArrayRef sizes) {
   std::string s = "(";
-  for (int64_t i = 0; i < t.dim(); ++i) {
+  for (size_t i = 0; i < sizes.size(); ++i) {
     if (i) s += ", ";
-    s += std::to_string(t.size(i));
+    s += std::to_string(sizes[i]);
   }
   return s + ")";
+}
+
+inline std::string shape_str(const at::Tensor& t) {
+  return shape_str(t.sizes());
 }
 
 inline at::ScalarType compute_dtype(at::ScalarType t) {

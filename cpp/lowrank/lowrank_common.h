@@ -17,7 +17,9 @@
 #include <ATen/ops/zeros.h>
 #include <c10/util/accumulate.h>
 
+#include <limits>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "ops.h"
@@ -129,14 +131,24 @@ inline at::Tensor rank_r_term(const at::Tensor& x2, const at::Tensor& down, cons
   return apply_core(h, core, diag, /*overwrite=*/h_out == nullptr);
 }
 
+// BLAS skips reading c and d when alpha = 0, which would mask a NaN or Inf in the
+// rank-r factors (docs/ops.md: NaN/Inf propagate as IEEE arithmetic does, and the
+// reference's 0·(c·d) is NaN there).  For scale = 0 the small (T, r) factor is
+// multiplied by 0 instead (0·NaN = 0·Inf = NaN) and the GEMM runs with alpha = 1.
+inline std::pair<at::Tensor, double> rank_r_factor(const at::Tensor& c, double scale) {
+  if (scale != 0.0) return {c, scale};
+  return {c.mul(0.0), 1.0};
+}
+
 // dst = a·b + s·c·d: the rank-r term c·d written first (beta = 0, plus `bias`
 // when given), then the base GEMM a·b accumulates onto it with beta = 1 — free
 // for the GEMM, which reads and writes its output once per K block anyway —
 // instead of a separate read-modify-write pass of the rank-r term over dst
 // afterwards.  The mirrored few-row GEMM (common.h) cannot accumulate, so there
 // the rank-r term comes second.
-inline void base_plus_rank_r_into(at::Tensor& dst, const at::Tensor& a, const at::Tensor& b, const at::Tensor& c,
-                                  const at::Tensor& d, double scale, const OptTensor& bias = OptTensor{}) {
+inline void base_plus_rank_r_into(at::Tensor& dst, const at::Tensor& a, const at::Tensor& b, const at::Tensor& c_in,
+                                  const at::Tensor& d, double scale_in, const OptTensor& bias = OptTensor{}) {
+  const auto [c, scale] = rank_r_factor(c_in, scale_in);
   if (mirror_few_rows_gemm(a.size(0), b)) {
     few_rows_mm_out(dst, a, b, bias);
     dst.addmm_(c, d, /*beta=*/1, /*alpha=*/scale);
@@ -157,7 +169,8 @@ inline void base_plus_lowrank_into(at::Tensor& y, const at::Tensor& x2, const Op
   if (weight.has_value()) {
     base_plus_rank_r_into(y, x2, weight->t(), hc, up.t(), scale, bias_in_gemm);
   } else {
-    at::addmm_out(y, y, hc, up.t(), /*beta=*/0, /*alpha=*/scale);
+    const auto [c, alpha] = rank_r_factor(hc, scale);
+    at::addmm_out(y, y, c, up.t(), /*beta=*/0, alpha);
     if (bias_in_gemm.has_value()) y.add_(*bias_in_gemm);
   }
 }
@@ -204,8 +217,9 @@ inline Grads7 lowrank_linear_backward_impl(const at::Tensor& grad, const at::Ten
   const char* op = "lowrank_linear_backward";
   const auto s = check_lowrank_linear(x, weight, OptTensor{}, down, up, core, out_scale, op);
   check_same(x, grad, op, "grad");
-  TORCH_CHECK(grad.numel() == s.tokens * s.out && grad.size(-1) == s.out, op, ": `grad` must have shape (..., ",
-              s.out, ") matching `x` ", shape_str(x), ", got ", shape_str(grad));
+  TORCH_CHECK(grad.sizes() == at::IntArrayRef(out_sizes(x, s.out)), op, ": `grad` must have shape ",
+              shape_str(out_sizes(x, s.out)),
+              " (`x`'s leading dims, then out), got ", shape_str(grad));
   const bool need_x = mask[0], need_w = mask[1] && weight.has_value(), need_b = mask[2], need_down = mask[3],
              need_up = mask[4], need_core = mask[5] && core.has_value(), need_os = mask[6] && out_scale.has_value();
   at::Tensor gx, gw, gb, gdown, gup, gcore, gos;
@@ -309,6 +323,7 @@ inline at::Tensor weight_row_sq(const at::Tensor& weight, const OptTensor& weigh
     TORCH_CHECK(c.dim() == 1 && c.size(0) == weight.size(0) && c.device() == weight.device(), op,
                 ": `weight_norm_sq` must have shape (out,) = (", weight.size(0), ",) on ", weight.device(), ", got ",
                 shape_str(c), " on ", c.device());
+    check_float(c, op, "weight_norm_sq");
     return c.to(acc, /*non_blocking=*/false, /*copy=*/true);  // never write into the caller's cache
   }
   // One streaming reduction over W (no W-sized temporary), accumulated in `acc`.
@@ -320,14 +335,30 @@ inline at::Tensor weight_row_sq(const at::Tensor& weight, const OptTensor& weigh
 // formula's grows like ε·‖W_j‖/n_j.  Rows with n_j² < ‖W_j‖²/4 (error
 // amplified by more than 2x) are recomputed densely from W_j + s·up_j·down in
 // the accumulation dtype: O(k·in·r) for k such rows, none in ordinary training.
+// So are rows whose factored n² is not finite (an Inf in W_j gives Inf − Inf =
+// NaN there; the dense row gives the Inf the unfactored formula does).
+// `cached`: wn2 is the caller's `weight_norm_sq`, which the op's definition
+// takes as given (n² = wn2 + cross terms, differentiable in it).  A recomputed row
+// then keeps that definition: ‖V_j‖² + (wn2_j − ‖W_j‖²), the correction
+// applied only when it exceeds the rounding of ‖W_j‖² (a cache that equals
+// ‖W_j‖² up to rounding would otherwise bring back the cancellation error).
 inline at::Tensor finish_row_norms(at::Tensor n2, const at::Tensor& wn2, const at::Tensor& weight,
-                                   const at::Tensor& down, const at::Tensor& up, double scale) {
-  const at::Tensor bad = n2.lt(wn2.mul(0.25)).nonzero().squeeze(1);
+                                   const at::Tensor& down, const at::Tensor& up, double scale, bool cached) {
+  const at::Tensor bad = n2.lt(wn2.mul(0.25)).logical_or_(n2.isfinite().logical_not_()).nonzero().squeeze(1);
   if (bad.numel() > 0) {
     const auto acc = n2.scalar_type();
-    at::Tensor v = weight.index_select(0, bad).to(acc);
-    v.addmm_(up.index_select(0, bad).to(acc), down.to(acc), /*beta=*/1, /*alpha=*/scale);
-    n2.index_copy_(0, bad, v.mul(v).sum(1));
+    const at::Tensor w = weight.index_select(0, bad).to(acc);
+    at::Tensor v = w.addmm(up.index_select(0, bad).to(acc), down.to(acc), /*beta=*/1, /*alpha=*/scale);
+    at::Tensor vn2 = v.mul(v).sum(1);
+    if (cached) {
+      const at::Tensor w_true = w.mul(w).sum(1);
+      const at::Tensor diff = wn2.index_select(0, bad).to(acc).sub(w_true);
+      const double u = acc == at::kDouble ? std::numeric_limits<double>::epsilon()
+                                          : static_cast<double>(std::numeric_limits<float>::epsilon());
+      const double slack = 8.0 * u * static_cast<double>(std::max<int64_t>(weight.size(1), 1));
+      vn2.add_(at::where(diff.abs().gt(w_true.mul(slack)), diff, at::zeros({}, diff.options())));
+    }
+    n2.index_copy_(0, bad, vn2);
   }
   // Rounding can push an exactly-zero row norm slightly negative.
   return n2.clamp_min_(0).sqrt_();
@@ -340,7 +371,7 @@ inline at::Tensor dora_norm_impl(const at::Tensor& weight, const at::Tensor& dow
   at::Tensor wn2 = weight_row_sq(weight, weight_norm_sq, op);
   if (weight.size(0) == 0) return at::empty({0}, weight.options());
   at::Tensor n2 = factored_norm_sq(wn2, dora_factors(weight, down, up), scale);
-  return finish_row_norms(n2, wn2, weight, down, up, scale).to(weight.scalar_type());
+  return finish_row_norms(n2, wn2, weight, down, up, scale, weight_norm_sq.has_value()).to(weight.scalar_type());
 }
 
 inline Grads3 dora_norm_backward_impl(const at::Tensor& grad, const at::Tensor& norm, const at::Tensor& weight,
@@ -467,7 +498,7 @@ inline Tensors4 dora_linear_impl(const at::Tensor& x, const at::Tensor& weight, 
     dw = at::mm(down, weight.t());
   }
   at::Tensor n2 = factored_norm_sq(wn2, dora_factors_from(dw.t(), down, up), scale);
-  at::Tensor n = finish_row_norms(n2, wn2, weight, down, up, scale);
+  at::Tensor n = finish_row_norms(n2, wn2, weight, down, up, scale, weight_norm_sq.has_value());
   // A zero row norm gives an infinite factor, as the unfactored formula does.
   const at::Tensor factor = magnitude.to(acc).div(n).to(x.scalar_type());
   at::Tensor y = at::empty({T, s.out}, x.options());
@@ -490,6 +521,10 @@ inline Grads6 dora_linear_backward_impl(const at::Tensor& grad, const at::Tensor
   TORCH_CHECK(pre_scale.sizes() == grad.sizes() && norm.dim() == 1 && norm.size(0) == s.out, op,
               ": `pre_scale` must match `grad` ", shape_str(grad), " and `norm` be (", s.out, ",); got ",
               shape_str(pre_scale), " and ", shape_str(norm));
+  check_same(x, pre_scale, op, "pre_scale");
+  TORCH_CHECK(norm.device() == x.device() && at::isFloatingType(norm.scalar_type()), op,
+              ": `norm` must be a floating tensor on ", x.device(), ", got ", norm.scalar_type(), " on ",
+              norm.device());
   const auto acc = at::toOpMathType(weight.scalar_type());
   const at::Tensor n = norm.to(acc);
   const at::Tensor factor = magnitude.to(acc).div(n).to(x.scalar_type());

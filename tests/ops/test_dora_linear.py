@@ -182,6 +182,7 @@ def test_compile_fullgraph():
         (dict(weight=torch.ones(6, 9, dtype=torch.float64)), "`weight` has dtype"),
         (dict(down=torch.ones(0, 9), up=torch.ones(6, 0)), "rank must be >= 1"),
         (dict(weight_norm_sq=torch.ones(3)), "`weight_norm_sq` must have shape"),
+        (dict(weight_norm_sq=torch.ones(6, dtype=torch.int64)), "`weight_norm_sq` must be a floating"),
     ],
 )
 def test_bad_inputs(change, match):
@@ -190,3 +191,25 @@ def test_bad_inputs(change, match):
     wn = a.pop("weight_norm_sq", None)
     with pytest.raises(RuntimeError, match=match):
         OP(**a, scale=0.5, weight_norm_sq=wn)
+
+
+def test_backward_op_checks_saved_tensors():
+    """pre_scale and norm of the wrong dtype are named, not a bare ATen dtype error."""
+    a = make_inputs((3,), 9, 6, 2, torch.float32)
+    y, pre, norm, h = OP(**a, scale=0.5)
+    BWD = torch.ops.lowrank_ops.dora_linear_backward
+    args = lambda pre, norm: (torch.ones_like(y), a["x"], a["weight"], a["down"], a["up"], a["magnitude"], 0.5,  # noqa: E731
+                              pre, norm, [True] * 6)
+    with pytest.raises(RuntimeError, match=r"dora_linear_backward: `pre_scale` has dtype Double"):
+        BWD(*args(pre.double(), norm))
+    with pytest.raises(RuntimeError, match=r"dora_linear_backward: `norm` must be a floating tensor"):
+        BWD(*args(pre, norm.to(torch.int32)))
+
+
+def test_scale_zero_propagates_nan():
+    """scale = 0 keeps a NaN of `up` in the output (BLAS would skip the rank-r term at alpha = 0)."""
+    a = make_inputs((3,), 9, 6, 2, torch.float64)
+    a["up"] = a["up"].clone()
+    a["up"][1, 0] = float("nan")
+    y, pre = OP(**a, scale=0.0)[:2]
+    assert torch.isnan(pre[:, 1]).all() and torch.isnan(y[:, 1]).all()

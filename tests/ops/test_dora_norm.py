@@ -254,6 +254,48 @@ def test_gradcheck_weight_norm_sq_alone(device):
     assert torch.autograd.gradcheck(f, (wn,))
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_cache_on_cancelling_rows_keeps_its_definition(dtype):
+    """Rows recomputed densely (norm < ‖W_j‖/2) keep the op's definition with a cache that is not
+    ‖W‖² (n² = cache + cross terms): no jump between the factored rows and the recomputed ones,
+    and the gradient w.r.t. the cache stays c/2 there."""
+    a = _cancelling_inputs(0.03, dtype, "cpu")
+    s = CANCEL_SCALE
+    wn = a["weight"].double().square().sum(1).to(dtype) + 0.25
+    got = OP(**a, scale=s, weight_norm_sq=wn)
+    want = dora_norm_ref(**fp64(a), scale=s, weight_norm_sq=wn.double())
+    torch.testing.assert_close(got.double(), want, rtol=1e-5 if dtype == torch.float32 else 1e-12, atol=0)
+    if dtype == torch.float64:
+        c = wn.clone().requires_grad_()
+        assert torch.autograd.gradcheck(lambda c: OP(**a, scale=s, weight_norm_sq=c), (c,))
+
+
+def test_cache_equal_to_row_norms_keeps_dense_accuracy():
+    """A cache that equals ‖W‖² up to its own rounding (computed another way) must not bring back the
+    cancellation error on the recomputed rows: same accuracy as without a cache."""
+    a = _cancelling_inputs(0.03, torch.float32, "cpu")
+    s = CANCEL_SCALE
+    wn = torch.linalg.vector_norm(a["weight"], dim=1).square()  # fp32, another reduction order
+    truth = dora_norm_ref(**fp64(a), scale=s)
+    err_cache = ((OP(**a, scale=s, weight_norm_sq=wn).double() - truth) / truth).abs().max()
+    err_plain = ((OP(**a, scale=s).double() - truth) / truth).abs().max()
+    assert err_cache <= 2 * err_plain + 1e-7
+
+
+@pytest.mark.parametrize("cached", [False, True], ids=["no_cache", "cache"])
+def test_non_finite_weight_row(cached):
+    """An Inf in W_j gives n_j = Inf and a NaN gives NaN, as the materialized formula does
+    (the factored one computed Inf − Inf = NaN for the Inf row); the other rows are untouched."""
+    a = make_inputs(5, 9, 2)
+    a["weight"][1, 3] = float("inf")
+    a["weight"][3, 0] = float("nan")
+    wn = a["weight"].square().sum(1) if cached else None
+    got = OP(**a, scale=0.5, weight_norm_sq=wn)
+    want = dora_norm_ref(**a, scale=0.5)
+    assert got[1] == float("inf") and torch.isnan(got[3])
+    torch.testing.assert_close(got[[0, 2, 4]], want[[0, 2, 4]])
+
+
 DORA_MASKS = [(1, 1, 1), (1, 0, 0), (0, 1, 0), (0, 0, 1), (0, 1, 1), (0, 0, 0)]
 
 
@@ -351,6 +393,7 @@ BAD = [
     ("up_bfloat16", dict(up=randn(17, 7, dtype=torch.bfloat16, device="cpu")), r"`up`"),
     ("weight_norm_sq_wrong_len", dict(weight_norm_sq=randn(16, **f32)), r"`weight_norm_sq`"),
     ("weight_norm_sq_2d", dict(weight_norm_sq=randn(17, 1, **f32)), r"`weight_norm_sq`"),
+    ("weight_norm_sq_int", dict(weight_norm_sq=torch.ones(17, dtype=torch.int64)), r"`weight_norm_sq` must be a floating"),
 ]
 
 

@@ -714,6 +714,34 @@ def test_bad_inputs_raise_with_grad(mutate, match):
         call(OP, a)
 
 
+@pytest.mark.parametrize("where", ["up", "down", "x"])
+@pytest.mark.parametrize("weight", [True, False], ids=["weight", "no_weight"])
+def test_scale_zero_propagates_nan(where, weight):
+    """scale = 0 must not hide a NaN or Inf in the rank-r term (BLAS skips its operands at alpha = 0):
+    0·NaN = 0·Inf = NaN, as in the reference."""
+    a = make_inputs(BASE, torch.float64, "cpu")
+    a["core"] = None
+    if not weight:
+        a["weight"] = None
+    a[where] = a[where].clone()
+    a[where][0, 0] = float("nan") if where != "x" else float("inf")
+    a["scale"] = 0.0
+    got, want = call(OP, a), call(lowrank_linear_ref, a)
+    assert torch.isnan(want).any()
+    assert torch.equal(torch.isnan(got), torch.isnan(want))
+    torch.testing.assert_close(got.nan_to_num(), want.nan_to_num())
+
+
+def test_backward_op_bad_grad_shape_same_numel():
+    """A grad with the right element count but another shape is an error, not reinterpreted."""
+    a = make_inputs(BASE, torch.float32, "cpu")
+    x = a["x"].reshape(1, *a["x"].shape)
+    g = randn(a["x"].shape[0], 1, 17, **f32)
+    with pytest.raises(RuntimeError, match=r"lowrank_linear_backward: `grad` must have shape \(1, 7, 17\)"):
+        torch.ops.lowrank_ops.lowrank_linear_backward(g, x, a["weight"], a["down"], a["up"], None, 0.5, None,
+                                                      [True] * 7)
+
+
 def test_backward_op_bad_grad_shape():
     a = make_inputs(BASE, torch.float32, "cpu")
     g = randn(7, 16, **f32)

@@ -47,9 +47,15 @@ def lowrank_linear_with_h_ref(
 
 
 def dora_norm_ref(weight: Tensor, down: Tensor, up: Tensor, scale: float, weight_norm_sq: Optional[Tensor] = None) -> Tensor:
-    """Row norms of the materialized ``W + scale·up·down`` (what peft's DoRA does)."""
-    del weight_norm_sq
-    return torch.linalg.vector_norm(weight + scale * (up @ down), dim=1)
+    """Row norms of the materialized ``W + scale·up·down`` (what peft's DoRA does).
+
+    With ``weight_norm_sq`` the op's definition ``n² = weight_norm_sq + (‖W + s·up·down‖² − ‖W‖²)``
+    per row (the cache taken as given, its cross terms from the materialized matrix)."""
+    v = weight + scale * (up @ down)
+    if weight_norm_sq is None:
+        return torch.linalg.vector_norm(v, dim=1)
+    n2 = weight_norm_sq.to(v.dtype) + (v * v).sum(1) - (weight * weight).sum(1)
+    return n2.clamp_min(0).sqrt()
 
 
 def dora_linear_ref(x: Tensor, weight: Tensor, bias: Optional[Tensor], down: Tensor, up: Tensor, magnitude: Tensor,
@@ -57,8 +63,7 @@ def dora_linear_ref(x: Tensor, weight: Tensor, bias: Optional[Tensor], down: Ten
                     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """peft's DoRA forward: materialize ``up·down``, detach the norm, rescale.  Returns
     ``(y, pre_scale, norm, h)`` like ``dora_linear``, ``h = x·downᵀ``."""
-    del weight_norm_sq
-    norm = dora_norm_ref(weight, down, up, scale)
+    norm = dora_norm_ref(weight, down, up, scale, weight_norm_sq)
     h = F.linear(x, down)
     pre = F.linear(x, weight) + scale * F.linear(h, up)
     y = (magnitude / norm.detach()) * pre
