@@ -5,7 +5,7 @@
 // update (no sparse kernel on CUDA yet).  UNVALIDATED: compiled, never run.
 #include <torch/library.h>
 
-#include <c10/cuda/CUDAGuard.h>
+#include <ATen/DeviceGuard.h>
 
 #include "linalg/svd_update_common.h"
 #include "ops.h"
@@ -16,25 +16,29 @@ using SVD3 = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 
 SVD3 factored_svd_cuda(const at::Tensor& B, const at::Tensor& A, const OptTensor& weights,
                        std::optional<int64_t> rank) {
-  const c10::cuda::CUDAGuard guard(B.device());
+  // An optional guard: with a CPU argument among CUDA ones the checks below name it.
+  const c10::OptionalDeviceGuard guard(at::device_of(B));
   return svdupd::factored_svd_impl(B, A, weights, rank);
 }
 
 SVD3 svd_update_cuda(const at::Tensor& U, const at::Tensor& S, const at::Tensor& Vh, const at::Tensor& P,
                      const at::Tensor& Q, int64_t rank) {
-  const c10::cuda::CUDAGuard guard(U.device());
+  // An optional guard: with a CPU argument among CUDA ones the checks below name it.
+  const c10::OptionalDeviceGuard guard(at::device_of(U));
   return svdupd::svd_update_impl(U, S, Vh, P, Q, rank);
 }
 
 SVD3 svd_append_cuda(const at::Tensor& U, const at::Tensor& S, const at::Tensor& Vh, const at::Tensor& C,
                      int64_t rank, int64_t dim) {
-  const c10::cuda::CUDAGuard guard(U.device());
+  // An optional guard: with a CPU argument among CUDA ones the checks below name it.
+  const c10::OptionalDeviceGuard guard(at::device_of(U));
   return svdupd::svd_append_impl(U, S, Vh, C, rank, dim);
 }
 
 SVD3 svd_append_sparse_cuda(const at::Tensor& U, const at::Tensor& S, const at::Tensor& Vh, const at::Tensor& crow,
                             const at::Tensor& col, const at::Tensor& val, int64_t rank, int64_t dim) {
-  const c10::cuda::CUDAGuard guard(U.device());
+  // An optional guard: with a CPU argument among CUDA ones the checks below name it.
+  const c10::OptionalDeviceGuard guard(at::device_of(U));
   return svdupd::svd_append_sparse_densified(U, S, Vh, crow, col, val, rank, dim);
 }
 

@@ -1,7 +1,7 @@
 // CUDA kernels of dora_norm: the device-generic schedule of lowrank_common.h
-// (cuBLAS for W·downᵀ and the (r, r) Gram, one reduction kernel for ‖W‖²).
+// (cuBLAS for W·downᵀ and the (r, r) Gram, ATen's linalg_vector_norm for ‖W‖²).
 // Unvalidated on a GPU until docs/kernels.md says otherwise.
-#include <c10/cuda/CUDAGuard.h>
+#include <ATen/DeviceGuard.h>
 #include <torch/library.h>
 
 #include "lowrank/lowrank_common.h"
@@ -10,14 +10,16 @@ namespace lowrank_ops {
 
 at::Tensor dora_norm_cuda(const at::Tensor& weight, const at::Tensor& down, const at::Tensor& up, double scale,
                           const OptTensor& weight_norm_sq) {
-  const c10::cuda::CUDAGuard guard(weight.device());
+  // An optional guard: with a CPU argument among CUDA ones the checks below name it.
+  const c10::OptionalDeviceGuard guard(at::device_of(weight));
   return detail::dora_norm_impl(weight, down, up, scale, weight_norm_sq);
 }
 
 Grads3 dora_norm_backward_cuda(const at::Tensor& grad, const at::Tensor& norm, const at::Tensor& weight,
                                const at::Tensor& down, const at::Tensor& up, double scale,
                                std::array<bool, 3> output_mask) {
-  const c10::cuda::CUDAGuard guard(weight.device());
+  // An optional guard: with a CPU argument among CUDA ones the checks below name it.
+  const c10::OptionalDeviceGuard guard(at::device_of(weight));
   return detail::dora_norm_backward_impl(grad, norm, weight, down, up, scale, output_mask);
 }
 

@@ -4,7 +4,7 @@
 // column-reduction kernels of cuda_elementwise.cuh.  Fusing the rank-r term into a CUTLASS
 // epilogue is left for a session with a GPU to validate and time it
 // (docs/kernels.md marks these kernels unvalidated until then).
-#include <c10/cuda/CUDAGuard.h>
+#include <ATen/DeviceGuard.h>
 #include <torch/library.h>
 
 #include "lowrank/cuda_elementwise.cuh"
@@ -22,14 +22,16 @@ void row_epilogue_inplace(at::Tensor& y, const OptTensor& out_scale, const OptTe
 at::Tensor lowrank_linear_cuda(const at::Tensor& x, const OptTensor& weight, const OptTensor& bias,
                                const at::Tensor& down, const at::Tensor& up, const OptTensor& core, double scale,
                                const OptTensor& out_scale) {
-  const c10::cuda::CUDAGuard guard(x.device());
+  // An optional guard: with a CPU argument among CUDA ones the checks below name it.
+  const c10::OptionalDeviceGuard guard(at::device_of(x));
   return detail::lowrank_linear_impl(x, weight, bias, down, up, core, scale, out_scale, &row_epilogue_inplace);
 }
 
 std::tuple<at::Tensor, at::Tensor> lowrank_linear_with_h_cuda(const at::Tensor& x, const OptTensor& weight,
     const OptTensor& bias, const at::Tensor& down, const at::Tensor& up, const OptTensor& core, double scale,
     const OptTensor& out_scale) {
-  const c10::cuda::CUDAGuard guard(x.device());
+  // An optional guard: with a CPU argument among CUDA ones the checks below name it.
+  const c10::OptionalDeviceGuard guard(at::device_of(x));
   at::Tensor h;
   at::Tensor y =
       detail::lowrank_linear_impl(x, weight, bias, down, up, core, scale, out_scale, &row_epilogue_inplace, &h);
@@ -40,7 +42,8 @@ Grads7 lowrank_linear_backward_cuda(const at::Tensor& grad, const at::Tensor& x,
                                     const at::Tensor& down, const at::Tensor& up, const OptTensor& core,
                                     double scale, const OptTensor& out_scale, std::array<bool, 7> output_mask,
                                     const OptTensor& h) {
-  const c10::cuda::CUDAGuard guard(x.device());
+  // An optional guard: with a CPU argument among CUDA ones the checks below name it.
+  const c10::OptionalDeviceGuard guard(at::device_of(x));
   return detail::lowrank_linear_backward_impl(grad, x, weight, down, up, core, scale, out_scale, output_mask,
                                               &cuda::column_dot_cuda, h);
 }
