@@ -213,3 +213,14 @@ def test_scale_zero_propagates_nan():
     a["up"][1, 0] = float("nan")
     y, pre = OP(**a, scale=0.0)[:2]
     assert torch.isnan(pre[:, 1]).all() and torch.isnan(y[:, 1]).all()
+
+
+def test_wrapper_eager_path_equals_registered_autograd():
+    """The wrapper's eager grad path (an autograd.Function over the registered formulas) gives the
+    registered autograd's gradients bit for bit."""
+    a = make_inputs((2, 5), 33, 17, 7, torch.float64)
+    g = randn(2, 5, 17, dtype=torch.float64, device="cpu")
+    for n, w, o in zip(NAMES, grads(dora_linear, a, 0.5, g), grads(OP, a, 0.5, g)):
+        torch.testing.assert_close(w, o, rtol=0, atol=0, msg=n)
+    lv = {k: v.detach().requires_grad_() for k, v in a.items()}
+    assert type(dora_linear(**lv, scale=0.5)[0].grad_fn).__name__ == "dora_linearBackward"

@@ -492,6 +492,26 @@ def test_wrapper_saves_h_for_the_backward():
     assert any(t.shape == (*BASE.lead, BASE.rank) for t in saved), [tuple(t.shape) for t in saved]
 
 
+@pytest.mark.parametrize("requires_grad", [NAMES, ("x",), ("down", "up"), ("core", "out_scale")],
+                         ids=["all", "x", "factors", "core_out_scale"])
+def test_wrapper_eager_path_equals_registered_autograd(requires_grad):
+    """The wrapper's eager grad path (an autograd.Function over the same setup/backward formulas)
+    gives the registered autograd's gradients bit for bit, and double backward works through it."""
+    case = replace(BASE, lead=(2, 5), core="full", ru=4, out_scale=True)
+    a = make_inputs(case, torch.float64)
+    g = randn(2, 5, case.out, dtype=torch.float64, device="cpu")
+    via_wrapper, via_op = grads(lowrank_linear, a, g, requires_grad), grads(OP, a, g, requires_grad)
+    for n, w, o in zip(NAMES, via_wrapper, via_op):
+        assert (w is None) == (o is None), n
+        if w is not None:
+            torch.testing.assert_close(w, o, rtol=0, atol=0, msg=n)
+    lv = leaves(a, requires_grad)
+    assert type(call(lowrank_linear, lv).grad_fn).__name__ == "lowrank_linear_with_hBackward"
+    inputs = tuple(lv[n] for n in requires_grad)
+    assert torch.autograd.gradgradcheck(
+        lambda *ts: call(lowrank_linear, dict(lv, **dict(zip(requires_grad, ts)))), inputs)
+
+
 MASKS = [tuple(i == j for j in range(7)) for i in range(7)] + [
     (True,) * 7,
     (False,) * 7,
