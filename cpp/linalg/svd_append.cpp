@@ -116,7 +116,7 @@ std::optional<SVD> append_sparse_columns(const at::Tensor& Bb, const at::Tensor&
   const at::Tensor XtM = at::mm(Xt, at::mm(B64.t(), B64));  // Xᵀ·(BᵀB), (c, k)
   // EᵀE = G − 2·XᵀX + Xᵀ(BᵀB)X = G + (XᵀBᵀB − 2·Xᵀ)·X
   const at::Tensor H = at::addmm(G, XtM.sub(Xt, 2.0), Xt.t());
-  linalg_detail::check_finite(H, "svd_append_sparse", "the input");
+  linalg_detail::check_finite(H, "svd_append_sparse", "the input", /*derived=*/true);
   auto [lam, W] = at::linalg_eigh(H);
   const double tau = 1e-7 * std::sqrt(std::max(0.0, G.trace().item<double>()));
   const at::Tensor keep = (lam > tau * tau).nonzero().flatten();

@@ -135,7 +135,7 @@ inline Complement orth_complement(const at::Tensor& B, const at::Tensor& P) {
 // Thin SVD of the small core, truncated to `rank`.  Every entry of the inputs
 // reaches K, so a NaN or Inf anywhere raises here (linalg_common.h's policy).
 inline SVD small_svd(const at::Tensor& K, int64_t rank, const char* op) {
-  linalg_detail::check_finite(K, op, "the input");
+  linalg_detail::check_finite(K, op, "the input", /*derived=*/true);
   auto [Uk, Sk, Vkh] = at::linalg_svd(K, /*full_matrices=*/false);
   return {narrow_last(Uk, 0, rank), narrow_last(Sk, 0, rank), narrow_rows(Vkh, 0, rank)};
 }
