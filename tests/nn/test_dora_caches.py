@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 import lowrank_ops  # noqa: F401
+from lowrank_ops import ops
 from lowrank_ops.nn import DoRALinear
 from lowrank_ops.reference import dora_linear_ref
 
@@ -214,3 +215,13 @@ def test_load_state_dict_of_enclosing_model_refreshes():
     other[0].base_layer.weight.data.mul_(0.5)
     model.load_state_dict(copy.deepcopy(other.state_dict()), assign=True)
     _check(layer, X)
+
+
+def test_low_precision_layer_hands_the_fp32_cache_to_the_kernels():
+    """A bf16 DoRA layer passes its fp32 ‖W₀‖² cache as is (the kernels accumulate in fp32): its norm is
+    the uncached op's bit for bit, where a cache rounded to bf16 first lost precision."""
+    torch.manual_seed(0)
+    layer = DoRALinear(nn.Linear(64, 48).bfloat16(), r=4, alpha=8, init="random")
+    assert layer.weight_norm_sq.dtype == torch.float32
+    w, a, b = layer.base_layer.weight, layer.lora_A.weight, layer.lora_B.weight
+    torch.testing.assert_close(layer._norm(), ops.dora_norm(w, a, b, layer.scaling), rtol=0, atol=0)

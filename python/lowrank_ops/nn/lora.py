@@ -136,7 +136,7 @@ class DoRALinear(LoRALinear):
         self._wn_key = None
         self.refresh_weight_norm()
         with torch.no_grad():
-            m = ops.dora_norm(w, self.lora_A.weight, self.lora_B.weight, self.scaling, self.weight_norm_sq.to(w.dtype))
+            m = ops.dora_norm(w, self.lora_A.weight, self.lora_B.weight, self.scaling, self.weight_norm_sq)
         self.lora_magnitude_vector = nn.Parameter(m.to(w.dtype))
         self.register_load_state_dict_post_hook(_dora_after_load)
 
@@ -194,7 +194,7 @@ class DoRALinear(LoRALinear):
             key = _tensor_key(base)
             if key is None or key != self._wn_key:
                 self.refresh_weight_norm()
-        return self.weight_norm_sq.to(base.dtype)
+        return self.weight_norm_sq  # fp32 for low-precision weights: the kernels read it in fp32 accumulation
 
     def _adapter_forward(self, x: Tensor) -> Tensor:
         base = self.base_layer
