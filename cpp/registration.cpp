@@ -114,10 +114,4 @@ TORCH_LIBRARY_FRAGMENT(lowrank_ops, m) {
 }
 
 // The merge ops are not differentiable (masks, counts, order statistics, sign-gated
-// sums): autograd falls through, so their outputs never require grad and a backward
-// through them fails loudly instead of PyTorch's silent "not implemented" fallback.
-TORCH_LIBRARY_IMPL(lowrank_ops, Autograd, m) {
-  for (const char* op : {"magnitude_threshold", "ties_merge", "dare_merge", "nm_mask", "sign_consensus"}) {
-    m.impl(op, torch::CppFunction::makeFallthrough());
-  }
-}
+// sums): their autograd (lowrank_ops/ops/merge.py) raises on a backward through them.

@@ -8,8 +8,10 @@ implementation:
 
 * ``ours``  — the lowrank_ops op or layer,
 * ``ref``   — what people use today (the composed reference, or peft),
-* ``floor`` — the part of the work no implementation can skip (the frozen
-  base GEMM, reading ``W`` once), so ``vs floor`` shows the adapter overhead.
+* ``floor`` — per suite (:func:`describe_roles`): the part of the work no
+  implementation can skip where one exists (the frozen base GEMM, reading ``W``
+  once), so ``vs floor`` shows the adapter overhead; for the linalg suites the
+  exact dense factorisation or the product being factored.
 
 Every row reports the median time per call (:func:`lowrank_ops.bench.timing.time_interleaved`: implementations timed in alternating rounds, ratios paired round by round),
 GFLOP/s over the nominal flop count of the math that row computes, the
@@ -73,7 +75,10 @@ class Impl:
     instead of alternating it with the others (its ratios are then ratios of
     medians): for a baseline so much slower, and so different in kind, that
     running it between the others changes their conditions (see the linalg
-    suite's ``linalg.svd`` rows).
+    suite's ``linalg.svd`` rows).  ``contract`` (for an ``ours`` row of a case
+    without a reference row) returns the error of ours against its definition
+    (e.g. a factorisation's relative residual), checked against the tolerance
+    like the error against a reference; NaN counts as a failure.
     """
 
     name: str
@@ -84,6 +89,7 @@ class Impl:
     outputs: Optional[Callable[[], Sequence[torch.Tensor]]] = None
     reset: Optional[Callable[[], None]] = None
     interleave: bool = True
+    contract: Optional[Callable[[], float]] = None
 
     def run_outputs(self) -> list:
         if self.outputs is not None:
@@ -128,6 +134,12 @@ class Report:
 
 
 _REGISTRY: dict[str, Case] = {}
+_ROLES: dict[str, str] = {}  # suite -> what its ref / floor / check rows are
+
+
+def describe_roles(suite: str, text: str) -> None:
+    """What ``ref``, ``floor`` and the check column mean in ``suite`` (printed under its rows)."""
+    _ROLES[suite] = text
 
 
 def register(suite: str, name: str, run: Callable[[Config], list], *, quick: bool = True, shape: Optional[dict] = None) -> Case:
@@ -203,6 +215,11 @@ def measure(cfg: Config, case: str, impls: Sequence[Impl], *, memory: bool = Fal
                 got = outputs[impl.name]
                 errors[impl.name] = (max(rel_err(a, b) for a, b in zip(got, want))
                                      if len(got) == len(want) else float("inf"))
+    else:
+        for impl in impls:
+            if impl.role == "ours" and impl.contract is not None:
+                err = float(impl.contract())
+                errors[impl.name] = err if math.isfinite(err) else float("inf")
     outputs.clear()
 
     idx = {impl.name: k for k, impl in enumerate(together)}  # column in `rounds`
@@ -327,11 +344,9 @@ def format_row(r: Row, marks=("✓", "✗")) -> str:
 
 LEGEND = (
     "ms: median per call (one inference, or one forward+backward step) | GFLOP/s: nominal flops of the row's math / time\n"
-    "vs ref, vs floor: time ratio this row / that row, < 1 = faster | ref: composed reference, or peft for training\n"
-    "floor: frozen base GEMM only (fwd, or fwd + input grad), or one read of W for dora_norm\n"
-    "floor_mirror: the same frozen GEMMs in the orientation our CPU kernels pick for few tokens (W·xᵀ, cpp/common.h)\n"
+    "vs ref, vs floor: time ratio this row / that row, < 1 = faster (paired round by round)\n"
     "peak MB: peak extra MiB allocated during one step (CPU: torch.profiler memory events; CUDA: max_memory_allocated)\n"
-    "check: ours vs ref, max relative error of outputs (and gradients) <= tolerance in the header"
+    "check: max relative error against the case's check (below, per suite) <= tolerance in the header"
 )
 
 
@@ -343,20 +358,33 @@ def run(cfg: Config, selected: Sequence[Case], stream: TextIO = sys.stdout) -> R
     print(format_table_header(), file=stream, flush=True)
     rows: list[Row] = []
     start = time.perf_counter()
+    failed: list[tuple[str, str]] = []
     for case in selected:
         torch.manual_seed(0)
         t0 = time.perf_counter()
-        case_rows = case.run(cfg)
+        try:
+            case_rows = case.run(cfg)
+        except Exception as e:  # one broken case must not lose the others' results
+            msg = f"{type(e).__name__}: {e}".splitlines()[0]
+            failed.append((case.name, msg))
+            print(f"{case.name:<21} | {marks[1]} failed: {msg}", file=stream, flush=True)
+            continue
         for r in case_rows:
             r.case_wall_s = time.perf_counter() - t0
             print(format_row(r, marks), file=stream, flush=True)
         rows.extend(case_rows)
     h["wall_s"] = time.perf_counter() - start  # the cases only, not imports
+    h["failed_cases"] = [{"case": n, "error": m} for n, m in failed]
     print(LEGEND.replace("tolerance in the header", f"{cfg.tol:g}"), file=stream)
+    for suite in dict.fromkeys(c.suite for c in selected):
+        if suite in _ROLES:
+            print(f"[{suite}] {_ROLES[suite]}", file=stream)
     bad = [r for r in rows if r.check is False]
     if bad:
         print(f"{marks[1]} results disagree with the reference (timings of these rows are not meaningful): "
               + ", ".join(f"{r.case}/{r.impl} (rel err {r.max_rel_err:.2e})" for r in bad), file=stream)
+    if failed:
+        print(f"{marks[1]} cases that raised (no rows): " + ", ".join(n for n, _ in failed), file=stream)
     return Report(h, rows)
 
 

@@ -84,7 +84,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         path = args.json or default_json_path(device.type)
         write_json(report, path)
         print(f"wrote {path}")
-    return 1 if any(r.check is False for r in report.rows) else 0
+    return 1 if any(r.check is False for r in report.rows) or report.header.get("failed_cases") else 0
 
 
 if __name__ == "__main__":

@@ -152,12 +152,10 @@ def _pivoted_qr_fake(A, rank=None):
 # --------------------------------------------------------------------------- autograd
 
 
-def _not_differentiable(name: str):
+def _not_differentiable(name: str, hint: str = "or use torch.linalg.svd / torch.linalg.qr where gradients "
+                                                "through the factorization are needed"):
     def backward(ctx, *grads):
-        raise RuntimeError(
-            f"lowrank_ops::{name} is not differentiable; detach its input, or use torch.linalg.svd / "
-            "torch.linalg.qr where gradients through the factorization are needed"
-        )
+        raise RuntimeError(f"lowrank_ops::{name} is not differentiable; detach its input, {hint}")
     return backward
 
 

@@ -6,9 +6,10 @@ typed wrappers and fake kernels.  The numerics live in ``cpp/merge/*.cpp`` and
 
 None of these ops is differentiable: their outputs are masks, counts, a
 selected order statistic, or a sign-gated combination whose discrete parts have
-no gradient.  No autograd formula is registered, so calling ``backward``
-through them raises PyTorch's "autograd kernel was not registered" error rather
-than returning a silently wrong gradient.
+no gradient.  Their registered autograd raises on a backward through them
+(also inside a larger graph, where a silently dropped contribution would be a
+wrong gradient); on inputs that do not require grad, or under ``no_grad``, the
+outputs do not require grad.
 """
 from __future__ import annotations
 
@@ -182,3 +183,13 @@ def _sign_consensus_fake(deltas, weights=None, eps=0.0, sign_method="sum"):
     _check_dw("sign_consensus", deltas, weights)
     P = deltas.shape[1]
     return deltas.new_empty((P,)), deltas.new_empty((P,), dtype=torch.int32), deltas.new_empty((P,), dtype=torch.int32)
+
+
+# --------------------------------------------------------------------------- autograd
+
+from .linalg import _not_differentiable, _setup_nothing  # noqa: E402
+
+for _name in ("magnitude_threshold", "ties_merge", "dare_merge", "nm_mask", "sign_consensus"):
+    torch.library.register_autograd(
+        f"lowrank_ops::{_name}", _not_differentiable(_name, "or call it under torch.no_grad() (merging has no gradient)"),
+        setup_context=_setup_nothing)

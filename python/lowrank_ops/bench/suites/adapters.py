@@ -28,7 +28,7 @@ from torch import nn
 
 from ...adapters.lora.init import pissa_init_
 from ...nn import LoRALinear
-from .. import Config, Impl, Row, measure, register
+from .. import Config, Impl, Row, describe_roles, measure, register
 from ._peft import peft_lora_layer
 
 SUITE = "adapters"
@@ -134,11 +134,16 @@ def _case(cfg: Config, n: int, name: str) -> list:
         for r in rows:
             if r.impl == impl_name:
                 r.shape.update({"identity_rel_err": ident, "approx_err_vs_optimal": res / opt})
+                if r.role == "ours" and r.check is not None:
+                    # the identity holds for any factors: a wrong SVD must fail the check too (rsvd's contract)
+                    r.check = bool(r.check and res / opt <= 1.05)
         notes.append(f"{impl_name}: identity {ident:.1e}, rank-{RANK} error {res / opt:.4f}x optimal")
     print(f"  {name}: " + "; ".join(notes), flush=True)
     return rows
 
 
+describe_roles(SUITE, "ref: peft's pissa_niter_4 init; floor: the exact-SVD init (pissa); check: the residual identity "
+                      "W_res + s·B·A = W (vs ref) and rank-r error <= 1.05x optimal")
 register(SUITE, "pissa_init_1024", lambda cfg: _case(cfg, 1024, "pissa_init_1024"), quick=True,
          shape={"n": 1024, "r": RANK})
 register(SUITE, "pissa_init_4096", lambda cfg: _case(cfg, 4096, "pissa_init_4096"), quick=False,

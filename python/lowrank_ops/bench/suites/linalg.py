@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from ... import ops, reference
-from .. import Config, Impl, measure, register
+from .. import Config, Impl, describe_roles, measure, register
 
 SUITE = "linalg"
 DECAY = 1.0
@@ -112,7 +112,9 @@ def _rsvd_case(cfg: Config, name: str, m: int, n: int, rank: int, batch: tuple =
     # ✓ = the contract (ours ≤ 1.05 × optimal), expressed as outputs so measure() can compare them.
     bound = torch.tensor([1.05])
     impls = [
-        Impl("ours", "ours", ours, ours_flops, outputs=lambda: [torch.tensor([max(max(e_ours) / opt, 1.05)])]),
+        # (NaN-safe: max() over a list skips a NaN that is not first)
+        Impl("ours", "ours", ours, ours_flops,
+             outputs=lambda: [torch.tensor([max(torch.tensor(e_ours).max().item() / opt, 1.05)])]),
         Impl("ref", "ref", ref, ref_flops, outputs=lambda: [bound]),
     ]
     if exact:
@@ -133,9 +135,23 @@ def _pqr_case(cfg: Config, name: str, m: int, n: int, with_ref: bool):
     A = A / A.norm(dim=0) * (1.5 ** -(torch.randperm(n, generator=g).double() % 60))
     A = A.to(device=cfg.device, dtype=cfg.dtype)
     k = min(m, n)
-    flops = 4 * m * n * k - 2 * (m + n) * k * k + 4 * k ** 3 / 3  # Householder QR + forming Q (nominal)
+    # Householder QR (xGEQRF: 4mnk − 2(m+n)k² + 4k³/3, i.e. 2mn² − 2n³/3 for m ≥ n) + forming the
+    # m × k Q (xORGQR with k reflectors: 2mk² − 2k³/3); nominal.
+    flops = 4 * m * n * k - 2 * (m + n) * k * k + 4 * k ** 3 / 3 + 2 * m * k * k - 2 * k ** 3 / 3
+
+    def residuals() -> float:
+        # No reference: the definition — ‖A[:, perm] − Q·R‖ / ‖A‖, ‖QᵀQ − I‖_F, and |diag R|
+        # non-increasing (the largest rise ÷ |R₀₀|); NaN propagates to a failure.
+        Q, R, perm = ops.pivoted_qr(A)
+        A64, Q64, R64 = A.double(), Q.double(), R.double()
+        d = R64.diagonal().abs()
+        eye = torch.eye(k, dtype=torch.float64, device=A.device)
+        errs = torch.stack([torch.linalg.norm(A64[:, perm] - Q64 @ R64) / torch.linalg.norm(A64),
+                            torch.linalg.norm(Q64.mT @ Q64 - eye), (d[1:] - d[:-1]).clamp_min(0).max() / d[0]])
+        return errs.max().item()  # a tensor max propagates NaN
+
     impls = [Impl("ours", "ours", lambda: ops.pivoted_qr(A), flops,
-                  outputs=lambda: [ops.pivoted_qr(A)[1].abs()])]
+                  outputs=lambda: [ops.pivoted_qr(A)[1].abs()], contract=None if with_ref else residuals)]
     if with_ref:
         impls.append(Impl("ref", "ref", lambda: reference.pivoted_qr_ref(A), flops,
                           outputs=lambda: [reference.pivoted_qr_ref(A)[1].abs()]))
@@ -159,3 +175,9 @@ def _register():
 
 
 _register()
+
+
+describe_roles(SUITE, "ref: torch.svd_lowrank (q = rank + 8, niter 2) / the plain Businger–Golub pivoted QR; floor: "
+                      "torch.linalg.svd / torch.linalg.qr (unpivoted), the exact dense factorisation; check: rsvd's "
+                      "contract (error <= 1.05x optimal), pivoted_qr's |R| vs ref or its definition (A[:, perm] = QR, "
+                      "Q orthonormal, |diag R| non-increasing)")

@@ -33,7 +33,7 @@ from torch import nn
 
 from ... import nn as lnn
 from ... import ops, reference
-from .. import Config, Impl, measure, register
+from .. import Config, Impl, describe_roles, measure, register
 from ..gemm_rule import few_rows_mirrored
 from ._peft import peft_lora_layer
 
@@ -335,3 +335,9 @@ def _register_all() -> None:
 
 
 _register_all()
+
+
+describe_roles(SUITE, "ref: the composed reference (inference), peft's layer (training); floor: the frozen base GEMM "
+                      "(fwd, or fwd + input grad), one read of W for dora_norm; floor_mirror: the same GEMMs in the "
+                      "orientation our CPU kernels pick for few tokens (W·xᵀ, cpp/common.h); check: ours vs ref, "
+                      "outputs and gradients")

@@ -31,7 +31,7 @@ import functools
 import torch
 
 from ... import ops, reference
-from .. import Config, Impl, measure, register
+from .. import Config, Impl, describe_roles, measure, register
 
 SUITE = "merge"
 N = 4
@@ -89,3 +89,7 @@ def _register_all() -> None:
 
 
 _register_all()
+
+
+describe_roles(SUITE, "ref: the sort-based reference or mergekit's algorithm; floor: one streaming read of the N task "
+                      "vectors (torch.sum over models); check: ours vs ref")
