@@ -114,8 +114,14 @@ class SpectralLinear(AdapterLinear):
 
 
 def orthonormality_gap(m: Tensor, rows: bool) -> Tensor:
-    """``‖M Mᵀ − I‖_F²`` (``rows=True``) or ``‖Mᵀ M − I‖_F²``, in fp32 or wider."""
+    """``‖M Mᵀ − I‖_F`` (``rows=True``) or ``‖Mᵀ M − I‖_F`` — the plain, not squared, Frobenius
+    norm, in fp32 or wider.
+
+    This is one term of SORSA's orthonormal regulariser (Cao & Song, "SORSA", arXiv:2409.00055,
+    method section: ``L_reg = ‖U_pᵀU_p − I‖_F + ‖V_pᵀV_p − I‖_F``; the authors' ``calc_ortho``
+    uses ``torch.norm(·, p="fro")`` too).  At an exactly orthonormal ``M`` the value is 0 and
+    the gradient is 0 (``torch.linalg.matrix_norm`` masks the 0/0)."""
     m = m.to(torch.promote_types(m.dtype, torch.float32))
     g = m @ m.T if rows else m.T @ m
     eye = torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
-    return (g - eye).square().sum()
+    return torch.linalg.matrix_norm(g - eye)

@@ -15,17 +15,23 @@ from .layer import LoLDULinear
 class LoLDU(SpectralConfigMixin, AdapterConfig):
     """LoLDU — Shi et al. 2024, "LoLDU: Low-Rank Adaptation via Lower-Diag-Upper Decomposition
     for Parameter-Efficient Fine-Tuning", https://arxiv.org/abs/2410.13618, method section:
-    ``W = P L D U``; ``ΔW = s·P L_r diag(z) U_r`` with frozen ``L_r``, ``U_r`` and trainable
-    ``z`` (+ scalar ``s``); the base becomes the residual so the layer starts unchanged.
+    ``W = P L D U``; ``ΔW = σ·P L_r diag(z) U_r`` with frozen ``P``, ``L_r``, ``U_r``, a fixed
+    scaling factor ``σ`` and trainable diagonal ``z`` (initialised to ``D_r``); the base becomes
+    the residual so the layer starts unchanged.  Only the diagonal trains: the paper's abstract
+    ("we focus on optimizing the diagonal matrix") and method figure (Fig. 3: the diagonal
+    matrix is trainable, all other matrices fixed), and the authors' code (``minloldu``:
+    ``get_loldu_params`` / ``name_is_loldu`` select ``vector_z`` only; ``scaling_factor`` is
+    left out of the trained set).
 
     Attributes:
-        r: number of LDU components.  alpha: ``s`` starts at ``alpha/r``.
-        train_scale: train the scalar ``s`` too.  save_bases: store ``L``, ``U``, ``P``.
+        r: number of LDU components.  alpha: ``σ`` is ``alpha/r`` (the authors' ``lora_alpha/rank``).
+        train_scale: also train the scalar ``σ`` (off by default, as paper and code; an extension).
+        save_bases: store ``L``, ``U``, ``P``.
     """
 
     r: int = 8
     alpha: float = 1.0
-    train_scale: bool = True
+    train_scale: bool = False
     save_bases: bool = True
 
     peft_type: ClassVar[str] = "LOLDU"

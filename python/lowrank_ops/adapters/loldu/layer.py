@@ -4,8 +4,9 @@ Decomposition for Parameter-Efficient Fine-Tuning", https://arxiv.org/abs/2410.1
 LDU of the frozen weight with partial pivoting, ``W = P L D U`` (``L`` unit
 lower-trapezoidal, ``U`` unit upper-trapezoidal, ``D`` diagonal).  The leading
 ``r`` columns of ``L`` and rows of ``U`` become frozen projections and the update
-is ``ΔW = s·P L_r diag(z) U_r`` with trainable ``z`` (initialised to ``D_r``) and
-trainable scalar ``s`` (initialised to ``alpha/r``).  The base becomes the
+is ``ΔW = s·P L_r diag(z) U_r`` with trainable ``z`` (initialised to ``D_r``) and the
+scalar ``s = alpha/r``, fixed unless ``train_scale=True`` (paper and authors' code train the
+diagonal only; see :class:`~lowrank_ops.adapters.LoLDU`).  The base becomes the
 residual ``W − s·P L_r diag(z) U_r`` (as the authors' code), so the layer is
 unchanged at init.  ``P`` is stored as a row index (``(P L_r)[i] = L_r[perm[i]]``).
 A zero pivot ``D_i`` leaves row ``i`` of ``U`` unscaled (``z_i = 0`` then; the
@@ -30,9 +31,9 @@ def ldu(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
 
 class LoLDULinear(SpectralLinear):
     """Frozen ``loldu_L (out, r)``, ``loldu_U (r, in)``, ``loldu_perm (out,)``; trainable
-    ``loldu_z (r,)`` and ``loldu_scale ()``."""
+    ``loldu_z (r,)``; ``loldu_scale ()`` is a parameter that trains only with ``train_scale=True``."""
 
-    def __init__(self, base_layer: nn.Linear, r: int = 8, alpha: float = 1.0, train_scale: bool = True,
+    def __init__(self, base_layer: nn.Linear, r: int = 8, alpha: float = 1.0, train_scale: bool = False,
                  save_bases: bool = True) -> None:
         super().__init__(base_layer)
         r = resolve_rank("LoLDU", r, min(self.in_features, self.out_features), allow_full=False)

@@ -1,4 +1,4 @@
-from .config import SALT
+from .config import SALT, salt_regularizer
 from .layer import SALTLinear
 
-__all__ = ["SALT", "SALTLinear"]
+__all__ = ["SALT", "SALTLinear", "salt_regularizer"]

@@ -14,8 +14,21 @@ authors' code starts both at small random values instead).
 The forward is one ``lowrank_linear`` call of rank ``k + ρ``: ``down =
 [V_kᵀ; Y V_{>k}ᵀ]``, ``up = [U_k, U_{>k} X]``, diagonal ``core = [σ' − σ; 1]``.
 The two small products cost ``ρ(n−k)(in + out)`` FLOPs per forward, independent
-of the token count.  Memory: the full ``U``/``V`` (``k_max = min(out, in)``
-columns) are stored, as the method needs the whole residual subspace.
+of the token count.
+
+Memory: the full ``U``/``V`` (``k_max = min(out, in)`` columns) are stored, as the method
+needs the whole residual subspace.
+
+ReLU scope: ``ReLU`` acts on the ``k`` adapted singular values only, as in the method-section
+equation above (as transcribed when this adapter was written; not re-verified against the
+paper body).  The authors' code (``SALTLinear.forward``, ``SALT_layers_please_work.py``) applies
+``F.relu`` elementwise to the whole modified ``n×n`` core ``diag(α⊙σ_k+β) ⊕ (Σ_{>k} + XY)``,
+so negative entries of the non-diagonal ``Σ_{>k} + XY`` block are zeroed too.  That is an
+entrywise clamp, not a singular-value operation, and would need the dense ``(n−k)²`` core in
+the forward; it is not adopted (with ``X = 0`` at init both give ``W' = W`` exactly).
+
+Regulariser: :meth:`SALTLinear.regularizer` / :func:`~lowrank_ops.adapters.salt_regularizer`
+(from the authors' code).
 """
 from __future__ import annotations
 
@@ -68,6 +81,26 @@ class SALTLinear(SpectralLinear):
         up = torch.cat([self.salt_U[:, :k], self.salt_U[:, k:] @ self.salt_X], dim=1)
         core = torch.cat([d, d.new_ones(self.lora_r)])
         return down, up, core, 1.0
+
+    def regularizer(self) -> torch.Tensor:
+        """``‖diag(α⊙σ_k + β) − diag(σ_k)‖_F + ‖XY‖_F`` in fp32 or wider; 0 at init.
+
+        This is the per-layer ``reg_loss`` of the authors' code (``SALTLinear.forward``:
+        ``torch.norm(scale_shift_term) + torch.norm(X @ Y)``, the scale/shift term taken before
+        the ReLU); the paper text available to us states no regulariser, so the official code is
+        followed.  ``‖XY‖_F`` is computed as ``sqrt(Σ (XᵀX) ⊙ (YYᵀ))`` from ``ρ×ρ`` Gram
+        matrices, without forming the ``(n−k)²`` product, with a zero (sub)gradient at ``XY = 0``.
+        """
+        dt = torch.promote_types(self.salt_alpha.dtype, torch.float32)
+        sigma = self.salt_sigma.to(dt)
+        shift = (self.salt_alpha.to(dt) * sigma + self.salt_beta.to(dt)) - sigma
+        reg = torch.linalg.vector_norm(shift)
+        if self.salt_X is not None:
+            x, y = self.salt_X.to(dt), self.salt_Y.to(dt)
+            sq = ((x.T @ x) * (y @ y.T)).sum().clamp_min(0)
+            pos = sq > 0
+            reg = reg + torch.where(pos, torch.sqrt(torch.where(pos, sq, torch.ones_like(sq))), torch.zeros_like(sq))
+        return reg
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, r={self.r}, lora_r={self.lora_r}"
