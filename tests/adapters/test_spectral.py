@@ -38,7 +38,7 @@ METHODS = {
     "lamda-zero": (lambda: adapters.LaMDA(r=4, init="zero"), {"lamda_S", "lamda_B"}, "additive"),
     "qrlora": (lambda: adapters.QRLoRA(r=5), {"qrlora_lambda"}, "additive"),
     "qrlora-energy": (lambda: adapters.QRLoRA(energy=0.9), {"qrlora_lambda"}, "additive"),
-    "loldu": (lambda: adapters.LoLDU(r=4, alpha=2.0), {"loldu_z", "loldu_scale"}, "residual"),
+    "loldu": (lambda: adapters.LoLDU(r=4, alpha=2.0), {"loldu_z"}, "residual"),  # the paper trains only the diagonal
 }
 NAMES = list(METHODS)
 SHAPES = [(13, 9), (6, 11)]  # (in, out): wide and tall, non-multiple sizes
@@ -239,8 +239,9 @@ def test_svft_patterns():
     assert torch.linalg.matrix_rank(band.delta_weight()) == n
 
     rnd = adapters.SVFT(pattern="random", off_diag=1, seed=3).create_layer(copy.deepcopy(lin), {})
-    per_row = torch.bincount(rnd.svft_rows, minlength=n)
-    assert (per_row == 3).all() and len(set(zip(rnd.svft_rows.tolist(), rnd.svft_cols.tolist()))) == 3 * n
+    # the paper's random pattern: the banded budget k = n(2d+1) − d(d+1), distinct pairs anywhere in M
+    assert rnd.svft_values.numel() == band_count(n, 1)
+    assert len(set(zip(rnd.svft_rows.tolist(), rnd.svft_cols.tolist()))) == band_count(n, 1)
     other = adapters.SVFT(pattern="random", off_diag=1, seed=4).create_layer(copy.deepcopy(lin), {})
     assert not torch.equal(rnd.svft_cols, other.svft_cols)
 
@@ -283,13 +284,14 @@ def test_sorsa_regularizer_and_gradients():
     model = adapters.inject(make(dtype=torch.float64), adapters.SORSA(r=4), target=TARGET)
     layers = [m for m in model.modules() if isinstance(m, SORSALinear)]
     reg = adapters.sorsa_regularizer(model)
-    assert reg.item() < 1e-20  # orthonormal singular vectors at init
+    assert reg.item() < 1e-13  # orthonormal singular vectors at init (plain norms: rounding ~1e-15)
     _randomize(model, std=0.05)
     reg = adapters.sorsa_regularizer(model)
-    torch.testing.assert_close(reg, sum(m.orthogonal_regularizer() for m in layers))
+    # the mean over the 2·L matrices U, V of ‖·ᵀ· − I‖_F (plain norms, the official normalisation)
+    torch.testing.assert_close(reg, sum(m.orthogonal_regularizer() for m in layers) / (2 * len(layers)))
     m = layers[0]
-    manual = (m.sorsa_U.T @ m.sorsa_U - torch.eye(4, dtype=torch.float64)).square().sum() + \
-        (m.sorsa_Vh @ m.sorsa_Vh.T - torch.eye(4, dtype=torch.float64)).square().sum()
+    manual = torch.linalg.matrix_norm(m.sorsa_U.T @ m.sorsa_U - torch.eye(4, dtype=torch.float64)) + \
+        torch.linalg.matrix_norm(m.sorsa_Vh @ m.sorsa_Vh.T - torch.eye(4, dtype=torch.float64))
     torch.testing.assert_close(m.orthogonal_regularizer(), manual)
     assert reg.item() > 1e-6
     reg.backward()
@@ -308,7 +310,7 @@ def test_kasa_regularizer():
     for m in layers:
         ortho = torch.linalg.matrix_norm(m.kasa_B.T @ m.kasa_B - eye) + torch.linalg.matrix_norm(m.kasa_A @ m.kasa_A.T - eye)
         expected = expected + 0.5 * m.kasa_diag.square().sum() + 0.25 * ortho
-    torch.testing.assert_close(adapters.kasa_regularizer(model), expected)
+    torch.testing.assert_close(adapters.kasa_regularizer(model), expected / len(layers))  # mean over layers
     torch.testing.assert_close(adapters.kasa_regularizer(model, beta=0.0, gamma=0.0), torch.zeros((), dtype=torch.float64))
 
 

@@ -14,10 +14,10 @@ from .io import adapter_state_dict, load_pretrained, save_pretrained
 from .lora import DoRA, LoRA
 from .vera import VeRA
 from .kasa import KaSA, kasa_regularizer
-from .lamda import LaMDA, lamda_freeze_projection_b
+from .lamda import LaMDA, lamda_freeze_projection_b, lamda_freeze_step
 from .loldu import LoLDU
 from .qrlora import QRLoRA
-from .salt import SALT
+from .salt import SALT, salt_regularizer
 from .sorsa import SORSA, sorsa_regularizer
 from .svf import SVF
 from .svft import SVFT
@@ -31,6 +31,6 @@ __all__ = [
     "inject", "adapter_layers", "trainable_parameters", "count_parameters", "merge_and_unload", "unload",
     "save_pretrained", "load_pretrained", "adapter_state_dict",
     "SVFT", "SORSA", "SVF", "KaSA", "SALT", "LaMDA", "QRLoRA", "LoLDU",
-    "sorsa_regularizer", "kasa_regularizer", "lamda_freeze_projection_b",
+    "sorsa_regularizer", "kasa_regularizer", "salt_regularizer", "lamda_freeze_projection_b", "lamda_freeze_step",
     "PiSSA", "MiLoRA", "OLoRA", "EVA", "LoRASB", "eva_init", "lora_sb_init", "extract_lora", "combine",
 ]
