@@ -15,22 +15,10 @@ from lowrank_ops import adapters
 from lowrank_ops.adapters.lamda import LaMDALinear, freeze_schedule
 from lowrank_ops.adapters.svft.layer import band_count
 
+from .test_spectral import _linear, _randomize
 from .tiny_models import make
 
 TARGET = r".*(q_proj|v_proj|up_proj|down_proj)$"
-
-
-def _linear(in_f, out_f, dtype=torch.float64, bias=True, seed=0):
-    torch.manual_seed(seed)
-    return nn.Linear(in_f, out_f, bias=bias).to(dtype)
-
-
-def _randomize(module, seed=1, std=0.3):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            if p.requires_grad:
-                p.add_(std * torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype))
 
 
 def _ids(seed=0, shape=(2, 7)):
