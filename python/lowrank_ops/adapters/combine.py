@@ -105,10 +105,20 @@ def combine(
     if len(loaded) == 1:
         method = "linear"  # as peft: one adapter is a rescale
     modules: list[str] = []
-    for sd, _ in loaded:
+    for i, (sd, _) in enumerate(loaded):
+        unsupported = sorted(k for k in sd if not (k.endswith(_A) or k.endswith(_B)))
+        if unsupported:
+            raise ValueError(f"combine: adapter {i} has tensors other than `.lora_A.weight`/`.lora_B.weight` "
+                             f"{unsupported[:8]}{' ...' if len(unsupported) > 8 else ''}; only Linear LoRA factors "
+                             "can be combined (embedding adapters (lora_embedding_A/B), lora_bias, DoRA magnitudes "
+                             "and modules_to_save are not supported)")
         for k in sd:
             if k.endswith(_A) and k[: -len(_A)] not in modules:
                 modules.append(k[: -len(_A)])
+            if k.endswith(_B) and k[: -len(_B)] + _A not in sd:
+                raise ValueError(f"combine: adapter {i} has `{k}` but no `{k[: -len(_B)] + _A}`")
+    if not modules:
+        raise ValueError("combine: the adapters contain no `.lora_A.weight` tensor, nothing to combine")
     max_r = [max([c.r, *c.rank_pattern.values()]) for _, c in loaded]
     if method == "linear":
         if len(set(max_r)) != 1:
@@ -127,6 +137,8 @@ def combine(
                 continue
             r, alpha = cfg.rank_alpha(name)
             A, B = sd[m + _A], sd[m + _B]
+            if m + _B not in sd:
+                raise ValueError(f"combine: `{m}` has lora_A but no lora_B")
             if A.shape[0] != B.shape[1]:
                 raise ValueError(f"combine: `{m}` has lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)}")
             As.append(A)
@@ -137,6 +149,9 @@ def combine(
         if any(a.shape[1] != in_f for a in As) or any(b.shape[0] != out_f for b in Bs):
             raise ValueError(f"combine: adapters disagree on the shape of `{m}`: "
                              f"lora_A {[tuple(a.shape) for a in As]}, lora_B {[tuple(b.shape) for b in Bs]}")
+        if method == "linear" and len({a.shape[0] for a in As}) != 1:
+            raise ValueError(f"combine: method 'linear' needs equal ranks in every module, but `{name}` has ranks "
+                             f"{[a.shape[0] for a in As]} (a rank_pattern differs); use method 'cat' or 'svd'")
         cdt = torch.float64 if dtype == torch.float64 else torch.float32
         if method == "cat":
             A = torch.cat([c * a.to(cdt) for a, c in zip(As, cs)], 0)

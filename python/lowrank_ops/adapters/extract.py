@@ -10,16 +10,32 @@ mergekit's ``extract-lora`` and kohya's ``extract_lora_from_models`` do with den
 from __future__ import annotations
 
 import os
+import re
+import warnings
 from typing import Mapping, Optional
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .. import linalg
 from .inject import Target, _matches
 from .lora import LoRA
 
 _PREFIX = "base_model.model."
+
+# module names that are embeddings by the usual conventions (HF: embed_tokens, wte, wpe,
+# word/position/token_type_embeddings, shared, embed_positions; and plain ``embed``/``emb``):
+# the last name component contains "embed"/"emb", or is wte / wpe / shared
+_EMBED_NAME = re.compile(r"(^|[._])(embed\w*|emb|\w*_embeddings?|wte|wpe|shared)$")
+
+
+def _embedding_modules(names, model: Optional[nn.Module]) -> set:
+    """The module names among ``names`` that are embeddings: by type when ``model`` is
+    given (anything but ``nn.Linear``), else by the name conventions of ``_EMBED_NAME``."""
+    if model is not None:
+        mods = dict(model.named_modules())
+        return {n for n in names if n in mods and not isinstance(mods[n], nn.Linear)}
+    return {n for n in names if _EMBED_NAME.search(n)}
 
 
 def _rank_for_energy(delta: Tensor, energy: float, max_rank: int, n_iter: int, seed: int):
@@ -47,6 +63,7 @@ def extract_lora(
     max_rank: Optional[int] = None,
     n_iter: int = 4,
     seed: int = 0,
+    model: Optional[nn.Module] = None,
 ) -> tuple[dict[str, Tensor], LoRA]:
     """Extract a LoRA adapter that turns ``base_sd`` into (approximately) ``tuned_sd``.
 
@@ -56,11 +73,22 @@ def extract_lora(
         energy: in (0, 1]: per-layer rank from the energy rule (``rank_pattern`` in the config).
         target: which modules to extract (a regex matched against the whole module name, or
             a list of name suffixes, as ``adapters.inject``); default every 2-D ``.weight``
-            whose delta is non-zero (pass ``target`` to skip embeddings and heads).
+            of a Linear module whose delta is non-zero.  Only ``nn.Linear`` layers are
+            extracted: the file is a plain LoRA (``lora_A``/``lora_B``), which peft and
+            ``load_pretrained`` apply to Linear layers only.  Embeddings are skipped by
+            default and a ``target`` naming one raises.  Which modules are embeddings is
+            decided by type when ``model`` is given, else by name (as HF names them: a last
+            name component ``embed*``, ``emb``, ``*_embedding(s)``, ``wte``, ``wpe``,
+            ``shared``; a tied ``lm_head`` is a Linear and is extracted).
         out_dir: also write ``adapter_model.safetensors`` + ``adapter_config.json`` (peft
             layout; atomic writes) there.
         max_rank: cap for ``energy`` (default ``min(out, in)``).
         n_iter, seed: ``linalg.rsvd`` parameters.
+        model: optional module of that architecture (the base model, or one on the meta
+            device): only the ``.weight`` of its ``nn.Linear`` modules is extracted.
+
+    Bias deltas are not extracted (``load_pretrained`` has no ``lora_bias``): a
+    ``UserWarning`` names each selected module whose ``.bias`` changed and the delta's norm.
 
     Returns:
         ``(state, config)``: tensors under peft key names
@@ -75,12 +103,30 @@ def extract_lora(
     if energy is not None and not 0.0 < energy <= 1.0:
         raise ValueError(f"extract_lora: energy must lie in (0, 1], got {energy!r}")
     factors: dict[str, tuple[Tensor, Tensor, Tensor, torch.dtype]] = {}
+    candidates = [k[: -len(".weight")] for k, w in base_sd.items() if k.endswith(".weight") and w.dim() == 2]
+    embeds = _embedding_modules(candidates, model)
+    if target is not None:
+        named = sorted(m for m in embeds if _matches(target, m))
+        if named:
+            how = "are not nn.Linear in `model`" if model is not None else \
+                "are embeddings by name (pass model=... to decide by module type)"
+            raise ValueError(f"extract_lora: target selects {named[:8]}, which {how}; a LoRA file carries "
+                             "lora_A/lora_B for Linear layers only — leave embeddings out of target")
+    linear_names = None if model is None else {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    bias_changed: list[str] = []
     for key, w_base in base_sd.items():
         if not key.endswith(".weight") or w_base.dim() != 2:
             continue
         module = key[: -len(".weight")]
+        if module in embeds or (linear_names is not None and module not in linear_names):
+            continue
         if target is not None and not _matches(target, module):
             continue
+        bkey = module + ".bias"
+        if bkey in base_sd and bkey in tuned_sd and tuple(base_sd[bkey].shape) == tuple(tuned_sd[bkey].shape):
+            bn = float((tuned_sd[bkey].double() - base_sd[bkey].to(tuned_sd[bkey].device).double()).norm())
+            if bn > 0:
+                bias_changed.append(f"{module} (|Δbias| = {bn:.3g})")
         if key not in tuned_sd:
             raise KeyError(f"extract_lora: `{key}` is in base_sd but not in tuned_sd")
         w_tuned = tuned_sd[key]
@@ -99,6 +145,10 @@ def extract_lora(
         if S.numel() == 0:
             continue
         factors[module] = (U, S, Vh, w_tuned.dtype)
+    if bias_changed:
+        warnings.warn(f"extract_lora: the bias of {len(bias_changed)} module(s) changed and is NOT in the "
+                      f"extracted adapter (no lora_bias support): {', '.join(bias_changed[:8])}"
+                      f"{' ...' if len(bias_changed) > 8 else ''}", UserWarning, stacklevel=3)  # 3: past torch.no_grad's wrapper
     if not factors:
         raise ValueError(f"extract_lora: no 2-D weight differs between base_sd and tuned_sd (target={target!r})")
 

@@ -243,6 +243,10 @@ class EVA(LoRA):
         tau: convergence threshold on ``|cos|`` of each right singular vector between steps.
         whiten: divide ``A``'s rows by ``√σ`` (peft's option).
         adjust_scaling_factors: ``alpha ← alpha·r_new/r`` so ``s = alpha/r`` is unchanged.
+        use_label_mask: with the default input preparation, also drop the token positions
+            whose ``labels`` equal ``label_mask_value`` (positions with ``attention_mask == 0``
+            are always dropped), as peft's ``prepare_model_inputs_fn_language_modeling``.
+        label_mask_value: the ignored label (peft: ``-100``).
     """
 
     init: str = "eva"
@@ -250,9 +254,12 @@ class EVA(LoRA):
     tau: float = 0.99
     whiten: bool = False
     adjust_scaling_factors: bool = True
+    use_label_mask: bool = True
+    label_mask_value: int = -100
 
     paper: ClassVar[str] = "https://arxiv.org/abs/2410.07170"
-    init_only_fields: ClassVar[frozenset] = frozenset({"init", "rho", "tau", "whiten", "adjust_scaling_factors"})
+    init_only_fields: ClassVar[frozenset] = frozenset({"init", "rho", "tau", "whiten", "adjust_scaling_factors",
+                                                             "use_label_mask", "label_mask_value"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -270,7 +277,8 @@ class EVA(LoRA):
 
     def to_peft_dict(self, target_modules) -> dict:
         d = super().to_peft_dict(target_modules)
-        d["eva_config"] = {"rho": self.rho, "tau": self.tau, "use_label_mask": True, "label_mask_value": -100,
+        d["eva_config"] = {"rho": self.rho, "tau": self.tau, "use_label_mask": self.use_label_mask,
+                           "label_mask_value": self.label_mask_value,
                            "whiten": self.whiten, "adjust_scaling_factors": self.adjust_scaling_factors}
         return d
 
@@ -301,7 +309,9 @@ def config_from_peft_dict(d: dict) -> LoRA:
     if init == "eva":
         e = d.get("eva_config") or {}
         return EVA(**common, rho=float(e.get("rho", 2.0)), tau=float(e.get("tau", 0.99)),
-                   whiten=bool(e.get("whiten", False)), adjust_scaling_factors=bool(e.get("adjust_scaling_factors", True)))
+                   whiten=bool(e.get("whiten", False)), adjust_scaling_factors=bool(e.get("adjust_scaling_factors", True)),
+                   use_label_mask=bool(e.get("use_label_mask", True)),
+                   label_mask_value=int(e.get("label_mask_value", -100)))
     raise NotImplementedError(f"load_pretrained: init_lora_weights={init!r} is not supported "
                               "(supported: True, False, 'gaussian', 'pissa', 'pissa_niter_K', 'milora', 'olora', 'eva')")
 
@@ -316,6 +326,35 @@ def _default_forward(model: nn.Module, batch) -> None:
         model(*batch)
     else:
         model(batch)
+
+
+def _token_mask(batch, cfg: "EVA") -> Optional[Tensor]:
+    """peft's default token selection (``prepare_model_inputs_fn_language_modeling``): for a
+    Mapping batch, keep the positions with ``attention_mask != 0`` and, with
+    ``use_label_mask``, ``labels != label_mask_value``; ``None`` when the batch has neither."""
+    if not isinstance(batch, Mapping):
+        return None
+    mask = None
+    am = batch.get("attention_mask")
+    if isinstance(am, Tensor):
+        mask = am.bool()
+    labels = batch.get("labels")
+    if cfg.use_label_mask and isinstance(labels, Tensor) and labels.dim() >= 1:
+        keep = labels != cfg.label_mask_value
+        if mask is None:
+            mask = keep
+        elif keep.shape == mask.shape:
+            mask = mask & keep
+        # labels of another shape (one per sequence: classification) carry no token mask
+    return mask
+
+
+def _default_layer_inputs(x: Tensor, mask: Optional[Tensor]) -> Tensor:
+    """Rows of the SVD: the token positions ``mask`` keeps, or every position when there is
+    no mask or the layer's leading dims are not the mask's (e.g. a head on pooled features)."""
+    if mask is not None and x.dim() > mask.dim() and tuple(x.shape[:mask.dim()]) == tuple(mask.shape):
+        return x[mask.to(x.device)].reshape(-1, x.shape[-1])
+    return x.reshape(-1, x.shape[-1])
 
 
 class _IncrementalSVD:
@@ -383,8 +422,10 @@ def eva_init(
         data: an iterable of batches (a DataLoader, a list).
         forward_fn: ``forward_fn(model, batch)``; default ``model(**batch)`` for a dict,
             ``model(*batch)`` for a tuple/list, else ``model(batch)``.
-        prepare_layer_inputs_fn: ``fn(layer_input, batch, name) -> (tokens, in)``; default
-            flattens the leading dims (use it to drop padding tokens).
+        prepare_layer_inputs_fn: ``fn(layer_input, batch, name) -> (tokens, in)``.  Default,
+            as peft's defaults: for a Mapping batch, the positions with ``attention_mask == 0``
+            and (``use_label_mask``) ``labels == label_mask_value`` are dropped when the layer
+            input's leading dims match that mask; the remaining leading dims are flattened.
         max_batches: stop after this many batches.
         min_rank: smallest rank a layer keeps (peft: 0, i.e. a layer may lose its adapter).
 
@@ -411,13 +452,17 @@ def eva_init(
     ranks = dict(r0)
     active = set(layers)
     current_batch = [None]
+    current_mask: list[Optional[Tensor]] = [None]
 
     def hook_for(name):
         def hook(module, args):
             if name not in active:
                 return
             x = args[0]
-            x = prepare_layer_inputs_fn(x, current_batch[0], name) if prepare_layer_inputs_fn else x.reshape(-1, x.shape[-1])
+            if prepare_layer_inputs_fn is not None:
+                x = prepare_layer_inputs_fn(x, current_batch[0], name)
+            else:
+                x = _default_layer_inputs(x, current_mask[0])
             if x.shape[0] > 0:
                 svds[name].update(x)
         return hook
@@ -434,6 +479,7 @@ def eva_init(
             if max_batches is not None and step >= max_batches:
                 break
             current_batch[0] = batch
+            current_mask[0] = None if prepare_layer_inputs_fn is not None else _token_mask(batch, cfg)
             forward_fn(model, batch)
             for n in layers:
                 sv = svds[n]
@@ -492,7 +538,8 @@ def eva_init(
             alpha_pattern[n] = alpha
     state["config"] = EVA(r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, use_rslora=cfg.use_rslora,
                           rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, rho=cfg.rho, tau=cfg.tau,
-                          whiten=cfg.whiten, adjust_scaling_factors=cfg.adjust_scaling_factors)
+                          whiten=cfg.whiten, adjust_scaling_factors=cfg.adjust_scaling_factors,
+                          use_label_mask=cfg.use_label_mask, label_mask_value=cfg.label_mask_value)
     state["target"] = kept
     return ranks
 

@@ -41,6 +41,10 @@ class LoRASBLinear(AdapterLinear):
         super().__init__(base_layer)
         if not isinstance(r, int) or r < 1:
             raise ValueError(f"LoRASBLinear: rank r must be an int >= 1, got {r!r}")
+        limit = min(self.out_features, self.in_features)
+        if r > limit:  # B (out, r) and A (r, in) cannot have orthonormal columns / rows
+            raise ValueError(f"LoRASBLinear: rank r={r} exceeds min(out, in)={limit} of the weight "
+                             f"({self.out_features}, {self.in_features})")
         w = base_layer.weight
         self.r = r
         self.alpha = float(r if alpha is None else alpha)
