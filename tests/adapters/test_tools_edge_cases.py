@@ -207,3 +207,11 @@ def test_lora_sb_rank_above_min_dim_refused_at_construction():
         adapters.inject(nn.Sequential(nn.Linear(6, 4)), adapters.LoRASB(r=6), target=["0"])
     m = adapters.inject(nn.Sequential(nn.Linear(6, 4)), adapters.LoRASB(r=4), target=["0"])
     assert m[0].r == 4
+
+
+def test_combine_names_itself_when_refusing_an_init():
+    """An init the config parser cannot take (e.g. loftq) is refused by combine, in combine's words."""
+    cfg = {"peft_type": "LORA", "r": 2, "lora_alpha": 2, "target_modules": ["q"], "init_lora_weights": "loftq"}
+    sd = {"base_model.model.q.lora_A.weight": torch.zeros(2, 4), "base_model.model.q.lora_B.weight": torch.zeros(4, 2)}
+    with pytest.raises(NotImplementedError, match=r"^combine: cannot combine this adapter: init_lora_weights='loftq'"):
+        adapters.combine([(sd, cfg), (sd, cfg)], [1.0, 1.0], method="cat")

@@ -66,7 +66,10 @@ def _config(cfg) -> LoRA:
                          "its factors apply to the residual, not to the original base.  Save it with "
                          "adapters.save_pretrained(model, path, convert_to_lora=True) and combine that")
     if isinstance(cfg, dict):
-        cfg = LoRA.from_peft_dict(cfg)
+        try:
+            cfg = LoRA.from_peft_dict(cfg)
+        except NotImplementedError as e:  # the config parser speaks as the loader; say who refuses
+            raise NotImplementedError(str(e).replace("load_pretrained:", "combine: cannot combine this adapter:", 1)) from e
     if not isinstance(cfg, LoRA) or (isinstance(cfg, AdapterConfig) and cfg.layer_cls is not LoRA.layer_cls):
         raise ValueError(f"combine: only plain LoRA-family adapters can be combined, got {type(cfg).__name__}")
     return cfg
