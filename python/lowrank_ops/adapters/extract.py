@@ -114,10 +114,8 @@ def extract_lora(
                              "lora_A/lora_B for Linear layers only — leave embeddings out of target")
     linear_names = None if model is None else {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     bias_changed: list[str] = []
-    for key, w_base in base_sd.items():
-        if not key.endswith(".weight") or w_base.dim() != 2:
-            continue
-        module = key[: -len(".weight")]
+    for module in candidates:
+        key, w_base = module + ".weight", base_sd[module + ".weight"]
         if module in embeds or (linear_names is not None and module not in linear_names):
             continue
         if target is not None and not _matches(target, module):
